@@ -72,7 +72,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     path = Path(path)
     with _open_input(path) as container:
         if not container.streams.video:
-            raise ValueError(f"{path} has no video stream: pass a video file")
+            raise ValueError(f"{path} holds no video frames (no video stream): pass a video with at least one frame")
         stream = container.streams.video[0]
         fps = stream.average_rate or stream.guessed_rate or Fraction(25)
         has_audio = bool(container.streams.audio)
@@ -100,7 +100,7 @@ def read_frames(path: str | Path, window: int) -> Iterator[np.ndarray]:
     path = Path(path)
     with _open_input(path) as container:
         if not container.streams.video:
-            raise ValueError(f"{path} has no video stream: pass a video file")
+            raise ValueError(f"{path} holds no video frames (no video stream): pass a video with at least one frame")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         batch: list[np.ndarray] = []
@@ -127,7 +127,7 @@ class VideoWriter:
         width, height: frame size.
         fps: frame rate (kept exactly as a fraction).
         codec: one of `CODECS`: "h264" (default, visually lossless CRF 16), "h264-lossless" (exact RGB, libx264rgb),
-            "h265", "ffv1" (lossless, needs .mkv/.avi/.mov).
+            "h265", "ffv1" (lossless; .mkv plays it most widely).
         crf: quality for h264/h265 (lower is better; None = codec default in `DEFAULT_CRF`).
         audio_from: a file whose first audio stream is remuxed (re-encoded to AAC only if the container
             cannot hold its codec), or None for no audio.
@@ -271,6 +271,7 @@ def write_synthetic_clip(path: str | Path, *, frames: int, width: int, height: i
         video.pix_fmt = pix_even if width % 2 == 0 and height % 2 == 0 else pix_odd
         video.options = dict(options)
         tone = out.add_stream("aac", rate=48000, layout="stereo") if audio else None
+        out.start_encoding()  # writes the header even when no frame follows (a valid 0-frame file)
         for i in range(frames):
             phase = 2 * np.pi * i / max(frames, 1)
             image = np.stack([np.sin(x / 7 + phase), np.cos(y / 5 - phase), np.sin((x + y) / 11 + 2 * phase)], -1)
