@@ -1,0 +1,233 @@
+"""`VideoVAE` over diffusers' `AutoencoderKLTemporalDecoder` (the SVD VAE STAR uses), and its loaders."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLTemporalDecoder
+from safetensors.torch import load_file
+
+from .base import OFFICIAL_WINDOW, ProgressCallback, SpatialTiling
+from .convert_svd import DIFFUSERS_MARKER, SVD_MARKER, infer_config, strip_checkpoint_prefix, svd_to_diffusers
+from .tiled import decode_windows, encode_moments
+
+# diffusers writes these names in a model folder (``variant`` inserts e.g. ``.fp16`` before the suffix).
+WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+class SVDVideoVAE:
+    """The SVD temporal-decoder VAE with STAR's encode/decode conventions.
+
+    Encode follows `VideoToVideo_sr.vae_encode` (one frame at a time, posterior sample ``mean + std·eps`` with
+    ``logvar`` clamped to [-30, 20], times ``scaling_factor``); decode follows `vae_decode_chunk` (latent divided
+    by ``scaling_factor``, temporal decoder over windows of ``window`` frames). Both add optional spatial tiles and
+    overlapping temporal windows.
+
+    Parameters:
+        model (`AutoencoderKLTemporalDecoder`): the network; put it on its device and dtype beforehand.
+        decode_autocast (`torch.dtype`, *optional*): run decode under ``torch.autocast`` with this dtype (the
+            official GPU decode runs under fp16 autocast); encode always runs in the weights' dtype, as officially.
+    """
+
+    def __init__(self, model: AutoencoderKLTemporalDecoder, *, decode_autocast: torch.dtype | None = None) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.decode_autocast = decode_autocast
+        self.scaling_factor = float(model.config.scaling_factor)
+        self.latent_channels = int(model.config.latent_channels)
+        self.downscale = 2 ** (len(model.config.block_out_channels) - 1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = pixels.to(self.device, self.dtype)
+            return self.model.quant_conv(self.model.encoder(x))
+
+    def _decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
+        device = self.device
+        autocast = (torch.autocast(device.type, dtype=self.decode_autocast) if self.decode_autocast is not None
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            z = z.to(device, self.dtype) / self.scaling_factor
+            return self.model.decode(z, num_frames=num_frames).sample
+
+    def _check_frames(self, frames: torch.Tensor) -> None:
+        if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] < 1 or not frames.is_floating_point():
+            raise ValueError(f"VAE encode: frames must be a float tensor [T,3,H,W] in [-1, 1] with T >= 1, got "
+                             f"{frames.dtype} {tuple(frames.shape)}; convert IMAGE [T,H,W,3] 0..1 with "
+                             "x.permute(0, 3, 1, 2) * 2 - 1")
+
+    def posterior(self, frames: torch.Tensor, *, tiling: SpatialTiling | None = None,
+                  callback: ProgressCallback | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame posterior mean and std.
+
+        Parameters:
+            frames (`torch.Tensor`): ``[T,3,H,W]`` in [-1, 1]; sizes not divisible by 8 are edge-padded.
+            tiling (`SpatialTiling`, *optional*): spatial tiles in input pixels (moments are blended).
+            callback (`ProgressCallback`, *optional*): per-tile progress; raising interrupts.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: ``mean`` and ``std``, each ``[T,C,ceil(H/8),ceil(W/8)]`` float32.
+        """
+        self._check_frames(frames)
+        moments = encode_moments(self._moments, frames, self.downscale, tiling=tiling, callback=callback)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+    def encode(self, frames: torch.Tensor, eps: torch.Tensor | None = None, *, sample: bool = True,
+               generator: torch.Generator | None = None, tiling: SpatialTiling | None = None,
+               callback: ProgressCallback | None = None) -> torch.Tensor:
+        """Encodes frames to the scaled latent STAR samples from.
+
+        Parameters:
+            frames (`torch.Tensor`): ``[T,3,H,W]`` in [-1, 1].
+            eps (`torch.Tensor`, *optional*): posterior noise ``[T,C,h,w]`` (frame ``f`` uses ``eps[f]``); when
+                None and ``sample`` is set, one ``randn [1,C,h,w]`` per frame is drawn on the CPU from
+                ``generator`` (or the global generator), in frame order like the official code.
+            sample (`bool`, *optional*, defaults to True): official posterior sample; False uses the mean.
+            generator (`torch.Generator`, *optional*): CPU generator for the drawn noise.
+            tiling (`SpatialTiling`, *optional*): spatial tiles in input pixels.
+            callback (`ProgressCallback`, *optional*): per-tile progress; raising interrupts.
+
+        Returns:
+            `torch.Tensor`: ``[1,C,T,h,w]`` float32 latent times ``scaling_factor``, on ``frames.device``.
+        """
+        mean, std = self.posterior(frames, tiling=tiling, callback=callback)
+        if sample:
+            if eps is None:
+                eps = torch.cat([torch.randn((1, *mean.shape[1:]), generator=generator)
+                                 for _ in range(mean.shape[0])])
+            elif tuple(eps.shape) != tuple(mean.shape):
+                raise ValueError(f"VAE encode: eps has shape {tuple(eps.shape)} but the posterior of these frames "
+                                 f"is {tuple(mean.shape)} [T,C,h,w]; pass one noise map per frame of that shape")
+            mean = mean + std * eps.to(mean.device, torch.float32)
+        return (mean * self.scaling_factor).transpose(0, 1).unsqueeze(0)
+
+    def decode(self, latent: torch.Tensor, window: int = OFFICIAL_WINDOW, window_overlap: int = 0, *,
+               tiling: SpatialTiling | None = None, callback: ProgressCallback | None = None) -> torch.Tensor:
+        """Decodes a scaled latent video.
+
+        Parameters:
+            latent (`torch.Tensor`): ``[1,C,T,h,w]`` scaled latent.
+            window (`int`, *optional*, defaults to 3): frames per temporal-decoder call (official 3).
+            window_overlap (`int`, *optional*, defaults to 0): frames shared by neighbouring windows; 0 is the
+                official chunking (last window may be shorter), > 0 blends full-size overlapping windows.
+            tiling (`SpatialTiling`, *optional*): spatial tiles in output pixels.
+            callback (`ProgressCallback`, *optional*): per-tile progress; raising interrupts.
+
+        Returns:
+            `torch.Tensor`: ``[T,3,8h,8w]`` float32 in about [-1, 1] (not clamped), on ``latent.device``.
+        """
+        if latent.ndim != 5 or latent.shape[0] != 1 or latent.shape[1] != self.latent_channels:
+            raise ValueError(f"VAE decode: latent must be [1,{self.latent_channels},T,h,w], got "
+                             f"{tuple(latent.shape)}")
+        if window < 1 or not 0 <= window_overlap < window:
+            raise ValueError(f"VAE decode: need window >= 1 and 0 <= window_overlap < window, got window={window}, "
+                             f"window_overlap={window_overlap}")
+        return decode_windows(self._decode, latent, self.downscale, window=window, window_overlap=window_overlap,
+                              tiling=tiling, callback=callback)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Loads tensors without executing code: safetensors, or torch.load(weights_only=True)."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # a pickle with code objects, or not a torch file at all
+        raise ValueError(f"could not read {path} as weights (safetensors, or a torch pickle loadable with "
+                         f"weights_only=True): {error}") from error
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
+    return loaded
+
+
+def build_vae(state_dict: dict[str, torch.Tensor], config: dict | None = None, *, source: str = "state dict",
+              dtype: torch.dtype = torch.float32) -> AutoencoderKLTemporalDecoder:
+    """Builds the diffusers model from a state dict in either layout and loads it strictly.
+
+    Parameters:
+        state_dict (`dict[str, torch.Tensor]`): original SVD keys or diffusers keys, optionally under a
+            ``first_stage_model.`` / ``vae.`` prefix.
+        config (`dict`, *optional*): diffusers config (``config.json`` contents); inferred from shapes if None.
+        source (`str`): name of the file, for error messages.
+        dtype (`torch.dtype`, *optional*, defaults to float32): parameter dtype (official: fp32 parameters, even
+            from the fp16 variant).
+
+    Returns:
+        `AutoencoderKLTemporalDecoder`: in eval mode on the CPU.
+    """
+    state_dict = strip_checkpoint_prefix(state_dict)
+    if SVD_MARKER in state_dict:
+        state_dict = svd_to_diffusers(state_dict)
+    elif DIFFUSERS_MARKER not in state_dict:
+        sample = sorted(state_dict)[:4]
+        raise ValueError(f"{source} is not an SVD temporal-decoder VAE: it has neither '{SVD_MARKER}' (original "
+                         f"layout) nor '{DIFFUSERS_MARKER}' (diffusers layout); first keys: {sample}. STAR needs "
+                         "the VAE of stabilityai/stable-video-diffusion-img2vid (folder 'vae', or svd_xt_vae / "
+                         "svd.safetensors), not an image VAE")
+    if config is None:
+        config = infer_config(state_dict)
+    else:
+        class_name = config.get("_class_name", "AutoencoderKLTemporalDecoder")
+        if class_name != "AutoencoderKLTemporalDecoder":
+            raise ValueError(f"{source}: config describes a {class_name}, expected AutoencoderKLTemporalDecoder")
+    model = AutoencoderKLTemporalDecoder.from_config(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match an SVD VAE with config {dict(config)}: missing keys "
+                         f"{missing[:6]}, unexpected keys {unexpected[:6]}")
+    # nn.Module.to: diffusers' override warns about fp32-pinned modules, which this class does not have.
+    return torch.nn.Module.to(model, dtype).eval()
+
+
+def load_svd_vae(path: str | Path, *, config: dict | str | Path | None = None, variant: str | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 decode_autocast: torch.dtype | None = None) -> SVDVideoVAE:
+    """Loads the SVD VAE from a diffusers folder or a single weights file.
+
+    Parameters:
+        path (`str` or `Path`): a diffusers model folder (``config.json`` + ``diffusion_pytorch_model[.variant]
+            .safetensors``, or a parent holding such a ``vae/`` folder), or one ``.safetensors`` / ``.pt`` file in
+            the original SVD layout (ComfyUI / generative-models, also a full SVD checkpoint) or diffusers layout.
+        config (`dict` or path, *optional*): diffusers config for a single file; inferred from shapes if None.
+        variant (`str`, *optional*): folder weights variant, e.g. ``"fp16"``.
+        device (`torch.device` or `str`, *optional*): where the network runs.
+        dtype (`torch.dtype`, *optional*, defaults to float32): parameter dtype.
+        decode_autocast (`torch.dtype`, *optional*): autocast dtype for decode (e.g. ``torch.float16`` on GPU).
+
+    Returns:
+        `SVDVideoVAE`
+    """
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "vae" if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file() \
+            else path
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path} is a folder without config.json (nor vae/config.json): give the "
+                                    "diffusers VAE folder or a single .safetensors file")
+        config = json.loads(config_file.read_text())
+        names = [name.replace(".", f".{variant}.", 1) if variant else name for name in WEIGHT_NAMES]
+        weights = next((folder / name for name in names if (folder / name).is_file()), None)
+        if weights is None:
+            hint = "" if variant else " (for fp16 weights pass variant='fp16')"
+            raise FileNotFoundError(f"{folder} has no {' or '.join(names)}{hint}")
+    elif path.is_file():
+        weights = path
+        if isinstance(config, (str, Path)):
+            config = json.loads(Path(config).read_text())
+    else:
+        raise FileNotFoundError(f"VAE path {path} does not exist: give a diffusers VAE folder or a .safetensors file")
+    model = build_vae(_read_state_dict(weights), config, source=str(weights), dtype=dtype)
+    return SVDVideoVAE(model.to(device), decode_autocast=decode_autocast)
