@@ -1,0 +1,400 @@
+"""Headless STAR: ``python -m star_core upscale INPUT -o OUTPUT [options]`` (also the ``star-vsr`` command).
+
+A video is processed in two streaming passes over the input file so memory does not grow with its length:
+read windows → LR preparation → VAE encode (only the small latent is kept) → sampling on the latent →
+VAE decode window by window → colour fix against the same frames read again → encode to the output, with the
+input's audio remuxed. Everything numeric goes through `star_core.pipeline`.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import glob
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import pipeline
+from .diffusion.chunking import DEFAULT_FUSION, FUSIONS
+from .diffusion.star_sampling import SamplerSettings
+from .download import ModelsMissingError, ResolvedModels, resolve_models
+from .seeds import RunNoise
+from .video_io import CODECS, VideoInfo, VideoWriter, probe_video, read_frames, write_synthetic_clip
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
+EXIT_FAILED, EXIT_MODELS_MISSING = 1, 3
+DEMO_NOTE = ("--demo-tiny: tiny RANDOM-weight models on a generated clip. The output is noise: this checks that the "
+             "install runs end to end, not the quality.")
+
+
+class InputError(ValueError):
+    """A problem with the command line's inputs or outputs, reported as one line."""
+
+
+def _target_size(text: str) -> tuple[int, int]:
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--target-size must look like HEIGHTxWIDTH (e.g. 1080x1920), got {text!r}")
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"--target-size must be positive, got {text!r}")
+    return height, width
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m star_core`` / ``star-vsr``."""
+    parser = argparse.ArgumentParser(prog="star-vsr", description="STAR video super-resolution (I2VGen-XL based).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser(
+        "upscale", help="upscale video files", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Upscale videos with STAR. Defaults follow the official inference_sr.py except where noted "
+                    "(chunk fusion 'hann' instead of hard cuts: smoother seams between 32-frame chunks; the "
+                    "official code hard-codes CUDA and fp16, here --device/--dtype pick them).")
+    up.add_argument("inputs", nargs="*", help="video files, folders (every video inside) or glob patterns")
+    up.add_argument("-o", "--output", required=True, type=Path,
+                    help="output file (one input) or folder (created; outputs keep the input names)")
+    up.add_argument("--demo-tiny", action="store_true",
+                    help="install self-check: tiny random models and a generated clip (the output is noise)")
+
+    size = up.add_mutually_exclusive_group()
+    size.add_argument("--scale", type=int, choices=(2, 3, 4), default=None, help="upscale factor (default 4, official)")
+    size.add_argument("--target-size", type=_target_size, metavar="HxW", help="explicit output size instead of --scale")
+
+    models = up.add_argument_group("models")
+    models.add_argument("--model", default="light",
+                        help="'light' (lightly degraded, e.g. web video), 'heavy' (heavily degraded) or a checkpoint path")
+    models.add_argument("--vae", help="SVD VAE: diffusers folder or .safetensors (default: found/downloaded)")
+    models.add_argument("--text-encoder", help="OpenCLIP ViT-H-14 / SD2 CLIP-H text encoder file or folder")
+    models.add_argument("--tokenizer", help="CLIP tokenizer: folder with vocab.json + merges.txt, or open_clip's vocab")
+    models.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
+    models.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
+    models.add_argument("--offline", action="store_true", help="never download; list what is missing instead")
+
+    text = up.add_argument_group("prompt")
+    text.add_argument("--prompt", default="a good video", help="text prompt (official default)")
+    text.add_argument("--suffix", choices=("official", "protected", "none"), default="official",
+                      help="quality suffix after the prompt; 'protected' keeps it from being cut by long prompts")
+    text.add_argument("--negative-prompt", default=None, help="override the official negative prompt")
+
+    sampler = up.add_argument_group("sampler")
+    sampler.add_argument("--solver-mode", choices=("fast", "normal"), default="fast", help="official 'fast' = 15 steps")
+    sampler.add_argument("--steps", type=int, default=15, help="steps in normal mode (fast mode ignores it)")
+    sampler.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
+    sampler.add_argument("--rescale", type=float, default=0.2, help="CFG rescale")
+    sampler.add_argument("--seed", type=int, default=666, help="seed of every random draw (official 666)")
+    sampler.add_argument("--chunk-len", type=int, default=32, help="latent frames per denoiser call (official 32)")
+    sampler.add_argument("--chunk-overlap", type=int, default=None, help="frames shared by neighbouring chunks")
+    sampler.add_argument("--chunk-fusion", choices=FUSIONS, default=DEFAULT_FUSION,
+                         help="'official' hard cuts, or cross-fades ('linear', 'hann')")
+
+    vae = up.add_argument_group("VAE and geometry")
+    vae.add_argument("--padding", choices=("official", "minimal"), default="official",
+                     help="'official' pads to >=720x1280 like inference_sr.py; 'minimal' pads only what the "
+                          "network needs (much faster for small videos, slightly different results)")
+    vae.add_argument("--encode-tile", type=int, default=None, help="spatial VAE encode tile in pixels (default whole)")
+    vae.add_argument("--decode-tile", type=int, default=None, help="spatial VAE decode tile in pixels (default whole)")
+    vae.add_argument("--tile-overlap", type=int, default=64, help="spatial tile overlap in pixels")
+    vae.add_argument("--decode-window", type=int, default=3, help="frames per temporal-decoder call (official 3)")
+    vae.add_argument("--decode-window-overlap", type=int, default=0, help="blended frames between decode windows")
+    vae.add_argument("--colour-fix", choices=("adain", "wavelet", "none"), default="adain", help="colour correction")
+    vae.add_argument("--colour-strength", type=float, default=1.0,
+                     help="1 = fully restored, 0 = bilinear-upscaled input, between = blend")
+
+    run = up.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
+    run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
+                     help="UNet weight dtype; auto = fp16 on GPU (official), fp32 on CPU. VAE and text stay fp32")
+    run.add_argument("--codec", choices=tuple(CODECS), default="h264",
+                     help="h264 (CRF 16), h264-lossless (exact RGB), h265, ffv1 (lossless, .mkv)")
+    run.add_argument("--crf", type=int, default=None, help="quality of h264/h265 (lower = better)")
+    run.add_argument("--no-audio", action="store_true", help="do not copy the input's audio")
+    run.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------- inputs/outputs
+
+def expand_inputs(items: list[str]) -> list[tuple[Path, bool]]:
+    """Input videos from files, folders and globs, as ``(path, came_from_a_collection)`` in a stable order."""
+    found: list[tuple[Path, bool]] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            videos = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+            if not videos:
+                raise InputError(f"input folder {path} holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
+            found.extend((p, True) for p in videos)
+        elif path.is_file():
+            found.append((path, False))
+        elif glob.has_magic(item):
+            matches = sorted(Path(p) for p in glob.glob(item) if Path(p).is_file())
+            if not matches:
+                raise InputError(f"input pattern {item!r} matches no file")
+            found.extend((p, True) for p in matches)
+        else:
+            raise InputError(f"input {item} does not exist: give a video file, a folder or a glob pattern")
+    return found
+
+
+def plan_outputs(inputs: list[tuple[Path, bool]], output: Path, codec: str) -> list[tuple[Path, Path]]:
+    """Pairs each input with its output: ``output`` itself for one file and a video extension, else a folder."""
+    extension = ".mkv" if codec == "ffv1" else ".mp4"
+    single_file = len(inputs) == 1 and not inputs[0][1] and output.suffix.lower() in VIDEO_EXTENSIONS \
+        and not output.is_dir()
+    if single_file:
+        pairs = [(inputs[0][0], output)]
+    else:
+        if output.exists() and not output.is_dir():
+            raise InputError(f"-o {output} is a file but there are {len(inputs)} inputs: give a folder")
+        pairs = [(src, output / f"{src.stem}{extension}") for src, _ in inputs]
+        names = [dst for _, dst in pairs]
+        if len(set(names)) != len(names):
+            raise InputError("two inputs have the same name and would write the same output: process them separately")
+    for src, dst in pairs:
+        if dst.resolve() == src.resolve():
+            raise InputError(f"output {dst} would overwrite its input: choose another output")
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------------ models
+
+@dataclass
+class Components:
+    """Loaded models of a run (the UNet is loaded later, only for the sampling stage)."""
+
+    models: ResolvedModels
+    device: torch.device
+    unet_dtype: torch.dtype
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; anything else is validated by torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InputError(f"--device {name!r} is not a device ({exc}): use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but this torch has no CUDA device: use --device cpu")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` → fp16 on GPU (the official ``.half()``), fp32 on CPU."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
+def load_text_encoder(models: ResolvedModels, device: torch.device):
+    """The CLIP-H text encoder (fp32, like the official code), with its tokenizer."""
+    from .text import load_text_encoder as load
+
+    return load(models.text_encoder, tokenizer=models.tokenizer, device=device)
+
+
+def load_vae(models: ResolvedModels, device: torch.device):
+    """The SVD VAE in fp32 (the official code keeps it fp32); folders with only fp16 weights load that variant."""
+    from .vae import load_svd_vae
+
+    path = models.vae
+    variant = None
+    if path.is_dir() and not (path / "diffusion_pytorch_model.safetensors").is_file() \
+            and (path / "diffusion_pytorch_model.fp16.safetensors").is_file():
+        variant = "fp16"
+    return load_svd_vae(path, variant=variant, device=device, dtype=torch.float32)
+
+
+def load_unet(models: ResolvedModels, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The STAR UNet + ControlNet in ``dtype`` on ``device``."""
+    from .checkpoint import load_star_model
+
+    return load_star_model(models.star, dtype=dtype, device=device)
+
+
+# -------------------------------------------------------------------------------------------------- progress
+
+class Progress:
+    """tqdm bars per pipeline stage (frames encoded, sampler steps, chunk evaluations, frames written)."""
+
+    LABELS = {"encode": ("encode", "frame"), "sample": ("steps", "step"), "decode": ("decode", "frame")}
+
+    def __init__(self, name: str, enabled: bool) -> None:
+        self.name, self.enabled = name, enabled
+        self.bars: dict[str, tqdm] = {}
+
+    def bar(self, key: str, total: int | None, desc: str, unit: str) -> tqdm:
+        if key not in self.bars:
+            self.bars[key] = tqdm(total=total, desc=f"{self.name}: {desc}", unit=unit, disable=not self.enabled,
+                                  leave=False, dynamic_ncols=True)
+        return self.bars[key]
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        desc, unit = self.LABELS.get(stage, (stage, "it"))
+        bar = self.bar(stage, total, desc, unit)
+        bar.total = total
+        bar.update(done - bar.n)
+
+    def counting_model(self, model_fn: pipeline.ModelFn) -> pipeline.ModelFn:
+        """Wraps ``model_fn`` so every chunk evaluation advances the chunk bar (its total set after step 1)."""
+        def counted(x, t, context, hint):
+            out = model_fn(x, t, context, hint)
+            bar = self.bar("chunks", None, "chunks", "chunk")
+            bar.update(1)
+            steps = self.bars.get("sample")
+            if bar.total is None and steps is not None and steps.n >= 1:
+                bar.total = bar.n * steps.total  # every step makes the same number of chunk calls
+            return out
+        return counted
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+# ------------------------------------------------------------------------------------------------- one video
+
+def _frames_float(windows: Iterator[np.ndarray]) -> Iterator[torch.Tensor]:
+    for window in windows:
+        yield torch.from_numpy(window).to(torch.float32).div_(255)
+
+
+def _take(frames: Iterator[np.ndarray], count: int) -> np.ndarray:
+    """Exactly ``count`` frames from an iterator of single-frame windows."""
+    taken = [window[0] for window, _ in zip(frames, range(count))]
+    if len(taken) != count:
+        raise ValueError("the input has fewer frames on the second read than on the first: it changed while "
+                         "being processed, or its decoder is not deterministic; re-encode it (e.g. to .mkv)")
+    return np.stack(taken)
+
+
+def upscale_file(src: Path, dst: Path, args: argparse.Namespace, parts: Components,
+                 prompts: tuple[torch.Tensor, torch.Tensor], vae, progress: Progress) -> VideoInfo:
+    """Upscale one video file to ``dst`` in two streaming passes (see the module docstring)."""
+    info = probe_video(src)
+    scale = None if args.target_size else (args.scale or 4)
+    geometry = pipeline.plan_lr(info.frame_count, info.height, info.width, scale=scale, target=args.target_size,
+                                padding=args.padding, fps=float(info.fps))
+    noise = RunNoise(args.seed)
+    window = max(1, args.chunk_len)
+    lr_windows = pipeline.prepare_windows(_frames_float(read_frames(src, window)), geometry)
+    latent = pipeline.encode_lr(vae, lr_windows, geometry, noise, tile=args.encode_tile,
+                                tile_overlap=args.tile_overlap, callback=progress)
+
+    settings = SamplerSettings(mode=args.solver_mode, steps=args.steps, cfg=args.cfg, rescale=args.rescale,
+                               chunk_len=args.chunk_len, overlap=args.chunk_overlap, fusion=args.chunk_fusion)
+    unet = load_unet(parts.models, parts.device, parts.unet_dtype)
+    try:
+        model_fn = progress.counting_model(pipeline.model_function(unet))
+        latent = pipeline.sample(model_fn, latent.to(parts.device), prompts[0], prompts[1], settings, noise,
+                                 callback=progress)
+    finally:
+        del unet
+        gc.collect()
+        if parts.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    options = pipeline.DecodeOptions(window=args.decode_window, window_overlap=args.decode_window_overlap,
+                                     tile=args.decode_tile, tile_overlap=args.tile_overlap)
+    height, width = geometry.target_size
+    audio = src if info.has_audio and not args.no_audio else None
+    lr_frames = read_frames(src, 1)  # re-read for the colour fix instead of holding every LR frame
+    with VideoWriter(dst, width, height, info.fps, codec=args.codec, crf=args.crf, audio_from=audio) as writer:
+        for restored in pipeline.decode(vae, latent, geometry, options, callback=progress):
+            lr = torch.from_numpy(_take(lr_frames, restored.shape[0])).to(torch.float32).div_(255)
+            fixed = pipeline.colour_fix(restored, lr, args.colour_fix, args.colour_strength)
+            writer.write(pipeline.to_uint8(fixed).cpu().numpy())
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+@contextmanager
+def _demo_setup(args: argparse.Namespace) -> Iterator[None]:
+    """For --demo-tiny: write the tiny models tree (and a clip when no input was given) into a temp folder."""
+    from .tiny_models import write_tiny_models
+
+    with tempfile.TemporaryDirectory(prefix="star_demo_") as tmp:
+        print(DEMO_NOTE, file=sys.stderr)
+        models = Path(tmp) / "models"
+        write_tiny_models(models)
+        args.comfy_models, args.offline = models, True
+        if not args.inputs:
+            clip = write_synthetic_clip(Path(tmp) / "demo_input.mp4", frames=12, width=64, height=48, fps=24)
+            args.inputs = [str(clip)]
+            args.padding = "minimal" if args.padding == "official" else args.padding
+            args.scale = args.scale or 2
+        yield
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    """Runs the ``upscale`` command; returns the process exit code."""
+    if not args.inputs and not args.demo_tiny:
+        raise InputError("give at least one input video (or --demo-tiny for the install self-check)")
+    pairs = plan_outputs(expand_inputs(args.inputs), args.output, args.codec)
+    todo = [(s, d) for s, d in pairs if not (args.skip_existing and d.exists())]
+    for src, dst in pairs:
+        if (src, dst) not in todo:
+            print(f"skip {src}: {dst} exists (--skip-existing)", file=sys.stderr)
+    failures = 0
+    checked = []
+    for src, dst in todo:  # probe every input before loading any model, so bad inputs fail fast
+        try:
+            probe_video(src)
+            checked.append((src, dst))
+        except (ValueError, FileNotFoundError) as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+    if not checked:
+        return EXIT_FAILED if failures else 0
+    device = pick_device(args.device)
+    models = resolve_models(args.model, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
+                            comfy_models=args.comfy_models, cache_dir=args.cache_dir, offline=args.offline)
+    parts = Components(models, device, pick_dtype(args.dtype, device))
+    text_encoder = load_text_encoder(models, device)
+    prompts = pipeline.encode_prompts(text_encoder, args.prompt, suffix=args.suffix,
+                                      negative_prompt=args.negative_prompt)
+    del text_encoder
+    gc.collect()
+    vae = load_vae(models, device)
+    for src, dst in checked:
+        progress = Progress(src.name, enabled=not args.quiet)
+        started = time.perf_counter()
+        try:
+            info = upscale_file(src, dst, args, parts, prompts, vae, progress)
+        except (ValueError, FileNotFoundError) as exc:
+            failures += 1
+            print(f"error: {src}: {exc}", file=sys.stderr)
+            continue
+        finally:
+            progress.close()
+        print(f"{src} -> {dst} ({info.frame_count} frames, {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    if args.demo_tiny:
+        print("demo finished; reminder: the tiny models are random, so the video is noise.", file=sys.stderr)
+    return EXIT_FAILED if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m star_core`` and ``star-vsr``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.demo_tiny:
+            with _demo_setup(args):
+                return run_upscale(args)
+        return run_upscale(args)
+    except ModelsMissingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_MODELS_MISSING
+    except (InputError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
