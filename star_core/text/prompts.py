@@ -70,6 +70,8 @@ def build_caption(
         return official
     suffix_ids = tokenizer.encode(POSITIVE_SUFFIX)
     kept = fit_prompt_tokens(tokenizer.encode(prompt), suffix_ids, context_length)
+    while kept and not tokenizer.ends_word(kept[-1]):  # no dangling fragment of a cut word
+        kept = kept[:-1]
     # Decoding then re-encoding can merge differently at the cut; drop tokens until the suffix really fits.
     while True:
         caption = f"{tokenizer.decode(kept)} {POSITIVE_SUFFIX}".strip()
