@@ -300,3 +300,26 @@ def test_bad_tokenizer_sources_are_named(tmp_path):
     bad.write_text("header\na b\n")
     with pytest.raises(ValueError, match="is not a CLIP BPE merges file"):
         ClipTokenizer.from_openclip_vocab(bad)
+
+
+def test_vit_h_shapes_give_the_released_text_tower():
+    """OpenCLIP ViT-H/14 key shapes (on the meta device, no memory): 1024 wide, 16 heads, 23 of 24 blocks run."""
+    from star_core.text import build_text_model
+    from star_core.text.weights import canonical_text_state_dict
+
+    w = 1024
+    shapes = {"token_embedding.weight": (49408, w), "positional_embedding": (77, w), "ln_final.weight": (w,),
+              "ln_final.bias": (w,), "text_projection": (w, w), "logit_scale": (), "visual.proj": (1280, w)}
+    for i in range(24):
+        block = f"transformer.resblocks.{i}."
+        shapes.update({block + "attn.in_proj_weight": (3 * w, w), block + "attn.in_proj_bias": (3 * w,),
+                       block + "attn.out_proj.weight": (w, w), block + "attn.out_proj.bias": (w,),
+                       block + "mlp.c_fc.weight": (4 * w, w), block + "mlp.c_fc.bias": (4 * w,),
+                       block + "mlp.c_proj.weight": (w, 4 * w), block + "mlp.c_proj.bias": (w,)})
+        shapes.update({block + f"{n}.{k}": (w,) for n in ("ln_1", "ln_2") for k in ("weight", "bias")})
+    sd = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    text_sd, spec = canonical_text_state_dict(sd)
+    assert (spec.width, spec.layers, spec.heads, spec.intermediate, spec.positions) == (1024, 24, 16, 4096, 77)
+    model = build_text_model(text_sd, spec, default_run_layers(spec))
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads) == (23, 16)
+    assert sum(p.numel() for p in model.parameters()) == 49408 * w + 77 * w + 2 * w + 23 * (12 * w * w + 13 * w)

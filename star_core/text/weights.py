@@ -17,6 +17,7 @@ from safetensors import safe_open
 
 HF_TOKEN_KEY = "embeddings.token_embedding.weight"
 OPENCLIP_TOKEN_KEY = "token_embedding.weight"
+TOWER_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
 DEFAULT_HEAD_DIM = 64
 # The SD 2.x text encoder is OpenCLIP ViT-H's text tower already cut after its 23rd of 24 blocks.
 SD2_TEXT_WIDTH, SD2_TEXT_LAYERS = 1024, 23
@@ -122,7 +123,8 @@ def canonical_text_state_dict(
         text = _openclip_to_hf(sd, prefix)
     else:
         text = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        text = {k: v for k, v in text.items() if not k.endswith("position_ids")}
+        # Only the tower itself (a text_projection or position_ids buffer may sit beside it).
+        text = {k: v for k, v in text.items() if k.startswith(TOWER_ROOTS) and not k.endswith("position_ids")}
     vocab_size, width = text[HF_TOKEN_KEY].shape
     layers = _count_layers(text)
     if layers == 0:
