@@ -18,6 +18,7 @@ from star_core.text import (
     load_text_encoder,
     load_tokenizer,
 )
+from star_core.text.tokenizer import clean_text
 from star_core.text.weights import TextTowerSpec, default_run_layers
 from star_core.verify.report import Report
 from star_core.verify.text import run as verify_text
@@ -98,6 +99,22 @@ def test_transformers_clip_tokenizer_agrees(tokenizer, hf_tokenizer_folder):
     reference = CLIPTokenizer.from_pretrained(str(hf_tokenizer_folder))
     for text in [build_caption("a good video"), NEGATIVE_PROMPT, EXTRA_TEXTS[0]]:
         assert reference(text)["input_ids"] == [49406, *tokenizer.encode(text), 49407]
+
+
+@pytest.mark.parametrize(
+    ("raw", "cleaned"),  # what open_clip's ftfy + html + whitespace + lower-case pass gives (checked with ftfy 6)
+    [
+        ("It\u2019s a \u201cquoted\u201d \u2018thing\u2019", "it's a \"quoted\" 'thing'"),
+        ("\ufb01ne \ufb02ow", "fine flow"),
+        ("\uff21\uff22\uff23\u3000\uff44\uff45\uff46\uff01", "abc def!"),
+        ("\uff76\uff80\uff76\uff85 \uff76\uff9e", "\u30ab\u30bf\u30ab\u30ca \u30ac"),
+        ("\x1b[31mred\x1b[0m", "red"),
+        ("&amp;lt; &quot;", '< "'),
+        ("e\u0301le\u0301phant\tx\r\n  Y ", "\u00e9l\u00e9phant x y"),
+    ],
+)
+def test_clean_text_matches_open_clip_normalisation(raw, cleaned):
+    assert clean_text(raw) == cleaned
 
 
 def test_decode_round_trips_ids(tokenizer):

@@ -29,6 +29,8 @@ _PATTERN = regex.compile(
     regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
+_TERMINAL_ESCAPE = regex.compile(r"\x1b\[[\d;]*[a-zA-Z]")
+_WIDTH_FORMS = regex.compile(r"[\uff01-\uff5e\uff61-\uff9f]+")  # full-width ASCII, half-width katakana
 # Typographic quotes and ligatures that open_clip's ftfy pass turns into plain characters.
 _PLAIN_CHARS = str.maketrans({
     "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'",
@@ -50,10 +52,11 @@ def clean_text(text: str) -> str:
     """open_clip's text normalisation: unicode fix-up, double HTML unescape, whitespace collapse, lower case.
 
     open_clip runs ``ftfy.fix_text`` first; this applies the parts of it that change ordinary prompts (NFC, plain
-    quotes, ligatures, full-width ASCII) without depending on ftfy.
+    quotes, ligatures, full/half-width forms, terminal colour codes) without depending on ftfy; only its mojibake
+    repair is not reproduced.
     """
-    text = unicodedata.normalize("NFC", text).translate(_PLAIN_CHARS)
-    text = "".join(chr(ord(c) - 0xFEE0) if "\uff01" <= c <= "\uff5e" else c for c in text)
+    text = _TERMINAL_ESCAPE.sub("", unicodedata.normalize("NFC", text).translate(_PLAIN_CHARS))
+    text = _WIDTH_FORMS.sub(lambda m: unicodedata.normalize("NFKC", m.group(0)), text)
     text = html.unescape(html.unescape(text)).strip()
     return _WHITESPACE.sub(" ", text).strip().lower()
 
