@@ -1,5 +1,5 @@
 """The STAR I2VGen-XL network (UNet + VideoControlNet + LIEM) in plain torch, with the official state-dict names."""
-from .attention import attention, get_attention_function, sdpa_attention, set_attention_function
+from .attention import get_attention_function, sdpa_attention, set_attention_function
 from .config import STARConfig, config_from_state_dict
 from .controlnet import VideoControlNet
 from .embedding import sinusoidal_embedding
@@ -7,7 +7,7 @@ from .liem import SpatialLIEM, TemporalLIEM
 from .unet import STARUNet, check_latent_size
 
 __all__ = [
-    "STARConfig", "STARUNet", "SpatialLIEM", "TemporalLIEM", "VideoControlNet", "attention", "check_latent_size",
+    "STARConfig", "STARUNet", "SpatialLIEM", "TemporalLIEM", "VideoControlNet", "check_latent_size",
     "config_from_state_dict", "get_attention_function", "sdpa_attention", "set_attention_function",
     "sinusoidal_embedding",
 ]

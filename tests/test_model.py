@@ -1,0 +1,178 @@
+"""STARUNet: parity with the official tiny forward, units, the full-size layout on meta, and forward contracts."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from star_core.checkpoint import load_star_model
+from star_core.model import (STARConfig, STARUNet, SpatialLIEM, TemporalLIEM, check_latent_size,
+                             config_from_state_dict, get_attention_function, sdpa_attention,
+                             set_attention_function, sinusoidal_embedding)
+import importlib
+from star_core.verify.forward import fixture_config
+from star_core.verify.manifest import check_manifest
+from star_core.verify.report import Report
+
+TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model gains nothing from threads, and OpenMP spin-waits make them very slow on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def forward_data(fixtures_dir):
+    return load_file(str(fixtures_dir / "tiny_forward.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(fixtures_dir):
+    sd_path = fixtures_dir / "tiny_state_dict.safetensors"
+    config = fixture_config(fixtures_dir, load_file(str(sd_path)), Report())
+    return load_star_model(sd_path, dtype=torch.float32, config=config)
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def test_forward_parity(tiny_model, forward_data):
+    d = forward_data
+    with torch.inference_mode():
+        out = tiny_model(d["x_t"], d["t"], d["y"], d["hint"])
+        out_none = tiny_model(d["x_t"], d["t"], d["y"], None)
+        controls = tiny_model.VideoControlNet(d["x_t"], d["t"], d["y"], d["hint"])
+    assert out.shape == d["out"].shape
+    assert _max_err(out, d["out"]) <= TOL
+    assert _max_err(out_none, d["out_hint_none"]) <= TOL
+    keys = sorted(k for k in d if k.startswith("control_"))
+    assert len(controls) == len(keys)
+    for key, actual in zip(keys, controls):
+        assert _max_err(actual, d[key]) <= TOL, key
+    # The hint matters: without it the output is measurably different.
+    assert _max_err(out, out_none) > 100 * TOL
+
+
+def test_batch_rows_use_their_own_context(tiny_model, forward_data):
+    d = forward_data
+    x2 = d["x_t"].repeat(2, 1, 1, 1, 1)
+    with torch.inference_mode():
+        pair = tiny_model(x2, d["t"].repeat(2), torch.cat([d["y"], d["y_neg"]]), d["hint"].repeat(2, 1, 1, 1, 1))
+        neg = tiny_model(d["x_t"], d["t"], d["y_neg"], d["hint"])
+    assert _max_err(pair[0], d["out"][0]) <= TOL
+    assert _max_err(pair[1], neg[0]) <= TOL
+    assert _max_err(pair[0], pair[1]) > 100 * TOL
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_any_frame_count(tiny_model, forward_data, frames):
+    d = forward_data
+    x = d["x_t"][:, :, :frames]
+    with torch.inference_mode():
+        out = tiny_model(x, d["t"], d["y"], d["hint"][:, :, :frames])
+    assert out.shape == (1, 4, frames, 10, 12)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 0.05), (torch.bfloat16, 0.25)])
+def test_low_precision_weights(fixtures_dir, forward_data, dtype, tol):
+    d = forward_data
+    model = load_star_model(fixtures_dir / "tiny_state_dict.safetensors", dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    with torch.inference_mode():
+        out = model(d["x_t"].to(dtype), d["t"], d["y"].to(dtype), d["hint"].to(dtype))
+    assert out.dtype == dtype
+    assert _max_err(out.float(), d["out"]) <= tol
+
+
+def test_attention_is_replaceable_and_sliced(tiny_model, forward_data, monkeypatch):
+    d = forward_data
+    calls = []
+
+    def counting(q, k, v, heads):
+        calls.append(q.shape[0])
+        return sdpa_attention(q, k, v, heads)
+
+    with torch.inference_mode():
+        set_attention_function(counting)
+        try:
+            assert get_attention_function() is counting
+            # A tiny score budget forces every call to be split into many slices; the result must not change.
+            monkeypatch.setattr(importlib.import_module("star_core.model.attention"), "MAX_SCORES_PER_CALL", 64)
+            out = tiny_model(d["x_t"], d["t"], d["y"], d["hint"])
+        finally:
+            set_attention_function(None)
+    assert get_attention_function() is sdpa_attention
+    assert calls and max(calls) < 5 * 10 * 12  # the temporal batch (h*w positions) was sliced
+    assert _max_err(out, d["out"]) <= TOL
+
+
+def test_bad_inputs_are_named(tiny_model, forward_data):
+    d = forward_data
+    with pytest.raises(ValueError, match=r"x must be a latent \[B,4,F,H,W\]"):
+        tiny_model(d["x_t"][0], d["t"], d["y"], None)
+    with pytest.raises(ValueError, match="context must be"):
+        tiny_model(d["x_t"], d["t"], d["y"][:, :, :64], None)
+    with pytest.raises(ValueError, match="hint must have the latent's shape"):
+        tiny_model(d["x_t"], d["t"], d["y"], d["hint"][:, :, :2])
+    with pytest.raises(ValueError, match=r"latent size 11x12 does not fit"):
+        tiny_model(torch.zeros(1, 4, 2, 11, 12), d["t"], d["y"], None)
+
+
+def test_check_latent_size():
+    check_latent_size(90, 160, 4)  # 720x1280 video, the official processing size
+    check_latent_size(18, 24, 4)
+    with pytest.raises(ValueError, match="valid heights near 92"):
+        check_latent_size(92, 160, 4)
+
+
+def test_liem_units(fixtures_dir):
+    u = load_file(str(fixtures_dir / "units.safetensors"))
+    spatial, temporal = SpatialLIEM(), TemporalLIEM()
+    spatial.load_state_dict({"conv1.weight": u["liem_spatial.conv1.weight"]})
+    temporal.load_state_dict({"conv1.weight": u["liem_temporal.conv1.weight"]})
+    with torch.inference_mode():
+        assert _max_err(spatial(u["liem_spatial.in"]), u["liem_spatial.out"]) <= 1e-6
+        assert _max_err(temporal(u["liem_temporal.in"]), u["liem_temporal.out"]) <= 1e-6
+
+
+def test_sinusoidal_unit(fixtures_dir):
+    u = load_file(str(fixtures_dir / "units.safetensors"))
+    emb = sinusoidal_embedding(u["sinusoidal_t"], 320)
+    assert emb.shape == (6, 320)
+    assert _max_err(emb, u["sinusoidal_320"]) <= 1e-6
+
+
+def test_config_inference_tiny(fixtures_dir):
+    sd = load_file(str(fixtures_dir / "tiny_state_dict.safetensors"))
+    args = json.loads((fixtures_dir / "tiny_config.json").read_text())["constructor_args"]
+    config = config_from_state_dict(sd)
+    stated = STARConfig(**{f.name: args[f.name] for f in dataclasses.fields(STARConfig) if f.name in args})
+    assert config == stated
+
+
+def test_config_inference_full_and_manifest(fixtures_dir):
+    with torch.device("meta"):
+        model = STARUNet()
+    sd = model.state_dict()
+    assert config_from_state_dict(sd) == STARConfig()
+    assert len(sd) == 2247
+    assert sum(p.numel() for p in model.parameters()) == 2_041_121_910
+    assert not list(model.buffers())
+    report = Report()
+    check_manifest(fixtures_dir / "star_keys_i2vgenxl.json", report)
+    assert report.failures == [] and report.count >= 5
+
+
+def test_config_rejects_bad_widths():
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        STARConfig(dim=48)
