@@ -292,6 +292,18 @@ def test_missing_and_foreign_weights_are_named(tmp_path):
         load_text_encoder(tmp_path / "empty_folder")
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this would run at unpickling",))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save({"token_embedding.weight": torch.zeros(2, 2), "payload": _RunsCode()}, path)
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_text_encoder(path)
+
+
 def test_bad_heads_ids_and_missing_tokenizer(reference_model, tmp_path):
     path = tmp_path / "text.safetensors"
     save_file(_to_openclip(_hf_state_dict(reference_model)), str(path))

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from ..checkpoint import load_state_dict_file
 
 HF_TOKEN_KEY = "embeddings.token_embedding.weight"
 OPENCLIP_TOKEN_KEY = "token_embedding.weight"
@@ -39,23 +41,19 @@ class TextTowerSpec:
 def read_tensors(path: Path, keep: Callable[[str], bool] = lambda key: True) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors or torch file whose key passes ``keep``, loaded on CPU without code execution.
 
-    Torch files are memory-mapped so unwanted tensors (e.g. a 2.5 GB vision tower) are never read.
+    Safetensors files are read key by key and torch files are memory-mapped (`load_state_dict_file`), so unwanted
+    tensors (e.g. a 2.5 GB vision tower beside the text tower) are never read into memory.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text encoder weights {path} not found")
-    if path.suffix == ".safetensors":
+    if path.suffix != ".safetensors":
+        return {k: v for k, v in load_state_dict_file(path).items() if keep(k)}
+    try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(data).__name__})")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor) and keep(k)}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read {path} as safetensors (truncated or not a safetensors file): {err}") from err
 
 
 def _tower_prefix(keys: list[str]) -> tuple[str, str]:
