@@ -71,7 +71,7 @@ def _check_set(outputs_path: Path, report: Report, tokenizer: ClipTokenizer | No
                 if text is None:
                     report.fail(name, f"no prompts.{prompt}.text in {config_path.name}")
                 elif tokenizer is not None:
-                    report.equal(name, star.tokenizer(text).tolist(), ids.tolist())
+                    report.equal(name, star.tokenizer(text, ids.shape[1]).tolist(), ids.tolist())
                     expected_bpe = prompts[prompt].get("bpe_tokens_without_sot_eot")
                     if expected_bpe is not None:
                         report.equal(f"{config_path.stem}/prompts.{prompt}.bpe_tokens_without_sot_eot",
