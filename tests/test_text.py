@@ -157,6 +157,27 @@ def test_protected_keeps_the_suffix_official_truncates_it(tokenizer, fixtures_di
     assert build_caption("a good video", "protected", tokenizer) == build_caption("a good video", "official")
 
 
+def test_protected_works_with_a_transformers_tokenizer(tokenizer, hf_tokenizer_folder, fixtures_dir):
+    """A host's CLIP tokenizer (anything with encode/decode of BPE ids) can drive the protected mode."""
+    from transformers import CLIPTokenizer
+
+    class HostTokenizer:
+        hf = CLIPTokenizer.from_pretrained(str(hf_tokenizer_folder))
+
+        def encode(self, text: str) -> list[int]:
+            return self.hf(text, add_special_tokens=False)["input_ids"]
+
+        def decode(self, ids: list[int]) -> str:
+            return self.hf.decode(ids)
+
+    prompt = json.loads((fixtures_dir / "text_openclip_tiny_config.json").read_text())["prompts"]["long"]["user_prompt"]
+    caption = build_caption(prompt, "protected", HostTokenizer())
+    body = tokenizer.encode(caption)
+    suffix_ids = tokenizer.encode(POSITIVE_SUFFIX)
+    assert len(body) <= 75 and body[-len(suffix_ids):] == suffix_ids
+    assert body[: -len(suffix_ids)] == tokenizer.encode(prompt)[: len(body) - len(suffix_ids)]
+
+
 # --- encoder: both weight layouts --------------------------------------------------------------------------------
 
 WIDTH, HEADS, LAYERS = 64, 4, 3  # heads != width/64, so the loaders must take it from the config or argument

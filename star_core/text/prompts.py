@@ -52,7 +52,8 @@ def build_caption(
             `"protected"`: the same string when it fits; otherwise the prompt is shortened, token by token, so the
             whole suffix fits (then joined with a space, since the cut prompt no longer ends where the user wrote);
             `"none"`: the prompt alone.
-        tokenizer (`ClipTokenizer`, *optional*): needed for `"protected"`.
+        tokenizer (`ClipTokenizer`, *optional*): needed for `"protected"`; any object with `encode(text) -> ids`
+            (BPE ids, no start/end) and `decode(ids) -> text` works, e.g. a host's CLIP-H tokenizer.
         context_length (`int`, defaults to 77): text encoder sequence length.
     """
     if not isinstance(prompt, str):
@@ -68,13 +69,13 @@ def build_caption(
         raise ValueError('suffix="protected" needs the tokenizer to count tokens: pass tokenizer=')
     if len(tokenizer.encode(official)) <= context_length - 2:
         return official
-    suffix_ids = tokenizer.encode(POSITIVE_SUFFIX)
-    kept = fit_prompt_tokens(tokenizer.encode(prompt), suffix_ids, context_length)
-    while kept and not tokenizer.ends_word(kept[-1]):  # no dangling fragment of a cut word
-        kept = kept[:-1]
-    # Decoding then re-encoding can merge differently at the cut; drop tokens until the suffix really fits.
-    while True:
-        caption = f"{tokenizer.decode(kept)} {POSITIVE_SUFFIX}".strip()
-        if len(tokenizer.encode(caption)) <= context_length - 2 or not kept:
+    kept = fit_prompt_tokens(tokenizer.encode(prompt), tokenizer.encode(POSITIVE_SUFFIX), context_length)
+    # Cut at a word end: a fragment of a cut word re-encodes differently after decoding, so drop tokens until the
+    # kept prefix survives the round trip and the suffix still fits behind it.
+    while kept:
+        text = tokenizer.decode(kept).strip()
+        caption = f"{text} {POSITIVE_SUFFIX}"
+        if tokenizer.encode(text) == kept and len(tokenizer.encode(caption)) <= context_length - 2:
             return caption
         kept = kept[:-1]
+    return POSITIVE_SUFFIX

@@ -158,10 +158,6 @@ class ClipTokenizer:
                 raw.extend(b" ")
         return raw.decode("utf-8", errors="replace").strip()
 
-    def ends_word(self, token_id: int) -> bool:
-        """Whether ``token_id`` is the last piece of a word (cutting after it does not split a word)."""
-        return self.id_to_symbol[token_id].endswith(_WORD_END)
-
     def frame(self, ids: list[int], context_length: int = CONTEXT_LENGTH) -> list[int]:
         """``[start] + ids + [end]`` cut to ``context_length`` (last id forced to end) and zero padded."""
         framed = [self.start_id, *ids, self.end_id]
