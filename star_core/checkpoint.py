@@ -25,12 +25,11 @@ VENHANCER_EXTRA_KEYS = (
 )
 # Key prefixes of other models a user may point the loader at by mistake, and what they are.
 _KNOWN_LAYOUTS = (
-    ("model.diffusion_model.", "a Stable-Diffusion-style (ldm) checkpoint"),
-    ("down_blocks.", "a diffusers UNet"),
-    ("encoder.down_blocks.", "a diffusers VAE"),
-    ("decoder.", "a VAE"),
-    ("text_model.", "a transformers CLIP text encoder"),
-    ("transformer.resblocks.", "an open_clip text encoder"),
+    (("model.diffusion_model.",), "a Stable-Diffusion-style (ldm) checkpoint"),
+    (("down_blocks.", "up_blocks.", "mid_block."), "a diffusers UNet"),
+    (("encoder.", "decoder.", "quant_conv.", "post_quant_conv."), "a VAE"),
+    (("text_model.",), "a transformers CLIP text encoder"),
+    (("transformer.resblocks.", "token_embedding.", "visual."), "an open_clip model"),
 )
 
 
@@ -102,9 +101,9 @@ def _torch_load(path: Path) -> object:
 
 def _describe(keys: list[str]) -> str:
     """A short description of what a foreign key set looks like."""
-    for prefix, what in _KNOWN_LAYOUTS:
-        if sum(k.startswith(prefix) for k in keys) > len(keys) // 2:
-            return f"it looks like {what} (keys start with {prefix!r})"
+    for prefixes, what in _KNOWN_LAYOUTS:
+        if sum(k.startswith(prefixes) for k in keys) > len(keys) // 2:
+            return f"it looks like {what} (keys start with {' / '.join(prefixes)})"
     heads = Counter(k.split(".", 1)[0] for k in keys).most_common(4)
     return "its top-level key groups are " + ", ".join(f"{name!r} ({n})" for name, n in heads)
 
@@ -128,7 +127,14 @@ def check_star_keys(sd: Mapping[str, torch.Tensor], config: STARConfig) -> dict[
             looks like instead, or the unexpected keys / shape mismatches.
     """
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in STARUNet(config).state_dict().items()}
+        model = STARUNet(config)
+    return _checked(sd, model)
+
+
+def _checked(sd: Mapping[str, torch.Tensor], model: STARUNet) -> dict[str, torch.Tensor]:
+    """`check_star_keys` against an already built model."""
+    config = model.config
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     extras = [k for k in VENHANCER_EXTRA_KEYS if k in sd]
     if extras:
         log.info("dropping %d VEnhancer-only tensors STAR does not use: %s", len(extras), ", ".join(extras))
@@ -173,12 +179,12 @@ def load_star_model(source: str | Path | Mapping[str, torch.Tensor], *, dtype: t
         except ValueError:
             check_star_keys(sd, STARConfig())  # raises the descriptive "N of M expected keys missing" error
             raise
-    sd = check_star_keys(sd, config)
     if dtype is None:
         dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
     model = STARUNet(config, operations=nn if operations is None else operations, device="meta", dtype=dtype)
+    sd = _checked(sd, model)
     for key in list(sd):  # convert tensor by tensor, dropping each source reference as we go
         sd[key] = sd[key].to(device=device, dtype=dtype)
     model.load_state_dict(sd, strict=True, assign=True)

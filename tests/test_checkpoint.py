@@ -1,0 +1,173 @@
+"""Checkpoint loading: accepted layouts and dtypes, key checks, refusal of unsafe or broken files, conversion."""
+from __future__ import annotations
+
+import logging
+import pickle
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from star_core.checkpoint import VENHANCER_EXTRA_KEYS, check_star_keys, load_star_model, load_state_dict_file
+from star_core.convert import main as convert_main
+from star_core.model import config_from_state_dict
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waits make them very slow on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(fixtures_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(fixtures_dir / "tiny_state_dict.safetensors"))
+
+
+def _assert_weights(model, sd, dtype):
+    loaded = model.state_dict()
+    assert set(loaded) == set(sd)
+    for key, value in sd.items():
+        assert loaded[key].dtype == dtype, key
+        assert torch.equal(loaded[key], value.to(dtype)), key
+
+
+def test_plain_pt(tmp_path, tiny_sd):
+    path = tmp_path / "plain.pt"
+    torch.save(tiny_sd, path)
+    model = load_star_model(path)
+    _assert_weights(model, tiny_sd, torch.float32)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_wrapped_ckpt(tmp_path, tiny_sd):
+    path = tmp_path / "wrapped.ckpt"
+    torch.save({"state_dict": tiny_sd, "epoch": 3}, path)
+    assert set(load_state_dict_file(path)) == set(tiny_sd)
+    _assert_weights(load_star_model(path), tiny_sd, torch.float32)
+
+
+def test_safetensors_and_dtype_choice(fixtures_dir, tiny_sd):
+    path = fixtures_dir / "tiny_state_dict.safetensors"
+    _assert_weights(load_star_model(path, dtype=torch.bfloat16), tiny_sd, torch.bfloat16)
+
+
+def test_fp16_stored(tmp_path, tiny_sd):
+    half = {k: v.half() for k, v in tiny_sd.items()}
+    path = tmp_path / "half.pth"
+    torch.save(half, path)
+    _assert_weights(load_star_model(path), half, torch.float16)  # default: keep the stored dtype
+    _assert_weights(load_star_model(path, dtype=torch.float32), half, torch.float32)
+
+
+def test_venhancer_extras_dropped(tmp_path, tiny_sd, caplog):
+    sd = dict(tiny_sd)
+    for key in VENHANCER_EXTRA_KEYS:
+        sd[key] = torch.zeros(3)
+    path = tmp_path / "venhancer_derived.pt"
+    torch.save(sd, path)
+    with caplog.at_level(logging.INFO, logger="star_core.checkpoint"):
+        model = load_star_model(path)
+    assert "dropping 6 VEnhancer-only tensors" in caplog.text
+    assert not set(VENHANCER_EXTRA_KEYS) & set(model.state_dict())
+    _assert_weights(model, tiny_sd, torch.float32)
+
+
+def test_wrong_model_is_described(fixtures_dir):
+    with pytest.raises(ValueError, match=r"not a STAR I2VGen-XL checkpoint: 2247 of 2247 expected keys missing, "
+                                         r"e\.g\. .*it looks like a VAE"):
+        load_star_model(fixtures_dir / "vae_tiny.safetensors")
+
+
+def test_missing_and_unexpected_keys(tiny_sd):
+    config = config_from_state_dict(tiny_sd)
+    sd = {k: v for k, v in tiny_sd.items() if "local2" not in k}
+    with pytest.raises(ValueError, match=r"not a STAR I2VGen-XL checkpoint: 12 of 1086 expected keys missing, "
+                                         r"e\.g\. \['input_blocks\.0\.1\.transformer_blocks\.0\.local2"):
+        check_star_keys(sd, config)
+    with pytest.raises(ValueError, match=r"1 unexpected keys, e\.g\. \['module\.extra'\]"):
+        check_star_keys({**tiny_sd, "module.extra": torch.zeros(1)}, config)
+    bad = {**tiny_sd, "out.2.bias": torch.zeros(5)}
+    with pytest.raises(ValueError, match=r"out\.2\.bias \(5,\) \(expected \(4,\)\)"):
+        check_star_keys(bad, config)
+
+
+def test_truncated_files(tmp_path, fixtures_dir, tiny_sd):
+    full = tmp_path / "full.pt"
+    torch.save(tiny_sd, full)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"cannot read checkpoint .*cut\.pt \(truncated or corrupt\?\)"):
+        load_star_model(cut)
+    blob = (fixtures_dir / "tiny_state_dict.safetensors").read_bytes()
+    cut_st = tmp_path / "cut.safetensors"
+    cut_st.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ValueError, match=r"cannot read .*cut\.safetensors as safetensors \(truncated"):
+        load_star_model(cut_st)
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code from the checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("writer", ["torch_save", "raw_pickle"])
+def test_malicious_pickle_refused(tmp_path, tiny_sd, writer):
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.pt"
+    obj = {"state_dict": {"out.2.bias": tiny_sd["out.2.bias"]}, "payload": _Payload(marker)}
+    if writer == "torch_save":
+        torch.save(obj, path)
+    else:
+        path.write_bytes(pickle.dumps(obj, protocol=2))
+    with pytest.raises(ValueError, match=r"refusing to load .*evil\.pt"):
+        load_star_model(path)
+    assert not marker.exists()
+
+
+def test_missing_and_unsupported_files(tmp_path, tiny_sd):
+    with pytest.raises(FileNotFoundError, match="light_deg.pt"):
+        load_state_dict_file(tmp_path / "nope.pt")
+    other = tmp_path / "weights.npz"
+    other.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"unsupported file type '\.npz'"):
+        load_state_dict_file(other)
+    with pytest.raises(ValueError, match="dtype must be"):
+        load_star_model(tiny_sd, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("flag, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_convert_round_trip(tmp_path, tiny_sd, flag, dtype, capsys):
+    src = tmp_path / "light_deg.pt"
+    sd = dict(tiny_sd, **{k: torch.zeros(2) for k in VENHANCER_EXTRA_KEYS})
+    torch.save({"state_dict": sd}, src)
+    dst = tmp_path / "star.safetensors"
+    assert convert_main([str(src), str(dst), "--dtype", flag]) == 0
+    assert "wrote" in capsys.readouterr().out
+    with safe_open(str(dst), "pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(tiny_sd)
+    assert meta["dtype"] == str(dtype).removeprefix("torch.") and meta["source"] == "light_deg.pt"
+    assert '"dim": 32' in meta["star_config"]
+    _assert_weights(load_star_model(dst), tiny_sd, dtype)
+    assert not (tmp_path / "star.safetensors.partial").exists()
+
+
+def test_convert_errors(tmp_path, fixtures_dir, capsys):
+    assert convert_main([str(fixtures_dir / "vae_tiny.safetensors"), str(tmp_path / "o.safetensors")]) == 2
+    assert "not a STAR I2VGen-XL checkpoint" in capsys.readouterr().err
+    assert convert_main([str(tmp_path / "missing.pt"), str(tmp_path / "o.safetensors")]) == 2
+    assert not (tmp_path / "o.safetensors").exists()
+    src = tmp_path / "a.safetensors"
+    save_file({"x": torch.zeros(1)}, str(src))
+    assert convert_main([str(src), str(tmp_path / "o.pt")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
