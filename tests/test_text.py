@@ -330,6 +330,13 @@ def test_bad_heads_ids_and_missing_tokenizer(reference_model, tmp_path):
     save_file(_to_openclip(_hf_state_dict(reference_model)), str(path))
     with pytest.raises(ValueError, match="width 64 is not divisible by heads=3"):
         load_text_encoder(path, heads=3)
+    partial = {k: v for k, v in _hf_state_dict(reference_model).items() if k != "final_layer_norm.bias"}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="not a complete CLIP text tower"):
+        load_text_encoder(tmp_path / "partial.safetensors", heads=HEADS)
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(8, 64)}, str(tmp_path / "stub.safetensors"))
+    with pytest.raises(ValueError, match="incomplete: missing"):
+        load_text_encoder(tmp_path / "stub.safetensors")
     encoder = load_text_encoder(path, heads=HEADS)
     encoder.tokenizer = None
     with pytest.raises(ValueError, match="has no tokenizer"):

@@ -70,7 +70,10 @@ def build_text_model(
            if not k.startswith("encoder.layers.") or int(k.split(".")[2]) < run_layers}
     # transformers 4.x nests the tower under "text_model."; 5.x does not.
     prefix = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
-    model.load_state_dict({prefix + k: v for k, v in cut.items()}, strict=True, assign=True)
+    try:
+        model.load_state_dict({prefix + k: v for k, v in cut.items()}, strict=True, assign=True)
+    except RuntimeError as err:
+        raise ValueError(f"the weights are not a complete CLIP text tower of the inferred shape {spec}: {err}") from err
     for name, buffer in list(model.named_buffers()):
         if buffer.is_meta:  # non-persistent buffers are not in any state dict
             if not name.endswith("position_ids"):

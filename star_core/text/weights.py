@@ -20,6 +20,8 @@ from ..checkpoint import load_state_dict_file
 HF_TOKEN_KEY = "embeddings.token_embedding.weight"
 OPENCLIP_TOKEN_KEY = "token_embedding.weight"
 TOWER_ROOTS = ("embeddings.", "encoder.", "final_layer_norm.")
+REQUIRED_KEYS = (HF_TOKEN_KEY, "embeddings.position_embedding.weight", "encoder.layers.0.mlp.fc1.weight",
+                 "final_layer_norm.weight")
 DEFAULT_HEAD_DIM = 64
 # The SD 2.x text encoder is OpenCLIP ViT-H's text tower already cut after its 23rd of 24 blocks.
 SD2_TEXT_WIDTH, SD2_TEXT_LAYERS = 1024, 23
@@ -123,6 +125,9 @@ def canonical_text_state_dict(
         text = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         # Only the tower itself (a text_projection or position_ids buffer may sit beside it).
         text = {k: v for k, v in text.items() if k.startswith(TOWER_ROOTS) and not k.endswith("position_ids")}
+    missing = [k for k in REQUIRED_KEYS if k not in text]
+    if missing:
+        raise ValueError(f"the CLIP text tower in these weights is incomplete: missing {missing}")
     vocab_size, width = text[HF_TOKEN_KEY].shape
     layers = _count_layers(text)
     if layers == 0:
