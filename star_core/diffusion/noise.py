@@ -1,6 +1,7 @@
 """Noise samplers for the SDE solver: the official torchsde Brownian tree, or recorded noise injected in order."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -35,7 +36,11 @@ class BrownianTreeNoiseSampler:
             self._tree = torchsde.BrownianTree(self._lo, torch.zeros_like(self._like), self._hi, entropy=self._entropy)
         t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         lo, hi, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
-        return self._tree(lo, hi) * sign / (t1 - t0).abs().sqrt()
+        with warnings.catch_warnings():
+            # torchsde compares the float32 sigma_min with its float64 copy and warns about a 1e-7 "violation".
+            warnings.filterwarnings("ignore", message="Should have ta>=t0")
+            w = self._tree(lo, hi)
+        return w * sign / (t1 - t0).abs().sqrt()
 
 
 class InjectedNoiseSampler:
