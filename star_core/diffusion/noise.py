@@ -37,7 +37,8 @@ class BrownianTreeNoiseSampler:
         t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         lo, hi, sign = (t0, t1, 1) if t0 < t1 else (t1, t0, -1)
         with warnings.catch_warnings():
-            # torchsde compares the float32 sigma_min with its float64 copy and warns about a 1e-7 "violation".
+            # torchsde rounds the tree's start to its tolerance and warns (then clamps, as in the official run) when
+            # the float32 sigma_min lies a rounding error below it.
             warnings.filterwarnings("ignore", message="Should have ta>=t0")
             w = self._tree(lo, hi)
         return w * sign / (t1 - t0).abs().sqrt()
