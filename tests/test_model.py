@@ -13,7 +13,7 @@ from star_core.model import (STARConfig, STARUNet, SpatialLIEM, TemporalLIEM, ch
                              config_from_state_dict, get_attention_function, sdpa_attention,
                              set_attention_function, sinusoidal_embedding)
 import importlib
-from star_core.verify.forward import fixture_config
+from star_core.verify.forward import load_fixture_model
 from star_core.verify.manifest import check_manifest
 from star_core.verify.report import Report
 
@@ -36,9 +36,7 @@ def forward_data(fixtures_dir):
 
 @pytest.fixture(scope="module")
 def tiny_model(fixtures_dir):
-    sd_path = fixtures_dir / "tiny_state_dict.safetensors"
-    config = fixture_config(fixtures_dir, load_file(str(sd_path)), Report())
-    return load_star_model(sd_path, dtype=torch.float32, config=config)
+    return load_fixture_model(fixtures_dir)
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:

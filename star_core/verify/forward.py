@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..checkpoint import load_state_dict_file, load_star_model
-from ..model import STARConfig, config_from_state_dict
+from ..model import STARConfig, STARUNet, config_from_state_dict
 from .report import Report
 
 FORWARD_FILE = "tiny_forward.safetensors"
@@ -19,10 +19,10 @@ CONFIG_FILE = "tiny_config.json"  # official constructor arguments; the only sou
 INPUT_KEYS = ("x_t", "t", "y", "hint")
 
 
-def fixture_config(fixture_dir: Path, sd: dict[str, torch.Tensor], report: Report) -> STARConfig:
+def fixture_config(fixture_dir: Path, sd: dict[str, torch.Tensor], report: Report | None = None) -> STARConfig:
     """
     The config inferred from the state dict; when the directory has ``tiny_config.json`` its head split (not visible
-    in tensor shapes) is used and every shape-derived field is checked against it.
+    in tensor shapes) is used and, given a report, every shape-derived field is checked against it.
     """
     config = config_from_state_dict(sd)
     path = fixture_dir / CONFIG_FILE
@@ -31,8 +31,20 @@ def fixture_config(fixture_dir: Path, sd: dict[str, torch.Tensor], report: Repor
     args = json.loads(path.read_text())["constructor_args"]
     stated = STARConfig(**{f.name: args[f.name] for f in dataclasses.fields(STARConfig) if f.name in args})
     config = dataclasses.replace(config, num_heads=stated.num_heads, head_dim=stated.head_dim)
-    report.equal(f"{path.stem}/inferred_config", config, stated)
+    if report is not None:
+        report.equal(f"{path.stem}/inferred_config", config, stated)
     return config
+
+
+def load_fixture_model(fixture_dir: Path, report: Report | None = None) -> STARUNet:
+    """
+    The fixture directory's tiny model in float32, built through `load_star_model` like a user's checkpoint, with
+    the head split of ``tiny_config.json`` when present. Other verify groups use this so every group runs the same
+    network for any fixture set.
+    """
+    fixture_dir = Path(fixture_dir)
+    config = fixture_config(fixture_dir, load_state_dict_file(fixture_dir / STATE_DICT_FILE), report)
+    return load_star_model(fixture_dir / STATE_DICT_FILE, dtype=torch.float32, config=config)
 
 
 def run(fixture_dir: Path, report: Report) -> bool:
@@ -47,8 +59,7 @@ def run(fixture_dir: Path, report: Report) -> bool:
     if missing or not (fixture_dir / STATE_DICT_FILE).is_file():
         report.fail(stem, f"inputs {missing} missing" if missing else f"{STATE_DICT_FILE} missing beside {path.name}")
         return True
-    config = fixture_config(fixture_dir, load_state_dict_file(fixture_dir / STATE_DICT_FILE), report)
-    model = load_star_model(fixture_dir / STATE_DICT_FILE, dtype=torch.float32, config=config)
+    model = load_fixture_model(fixture_dir, report)
     x, t, y, hint = (data[k] for k in INPUT_KEYS)
     with torch.inference_mode():
         if "out" in data:
