@@ -78,7 +78,10 @@ def _check_run(stem: str, run: dict, tensors: dict[str, torch.Tensor], model, fo
 
     sigmas = k_sigmas(discretized_timesteps(settings.mode, settings.steps, settings.t_max))
     noise_keys = _numbered(tensors, "brownian_noise_step")
-    entropy = int(run.get("brownian_tree_entropy_seed", tensors["brownian_tree_entropy_seed"].item()))
+    if "brownian_tree_entropy_seed" in run:
+        entropy = int(run["brownian_tree_entropy_seed"])
+    else:
+        entropy = int(tensors["brownian_tree_entropy_seed"].item())
     positive = sigmas[sigmas > 0]
     tree = BrownianTreeNoiseSampler(tensors["noised_lr"] * sigmas[0], positive.min(), positive.max(), entropy)
     for i, key in enumerate(noise_keys):
@@ -136,5 +139,8 @@ def run(fixture_dir: Path, report: Report) -> bool:
         if model is None:
             model = load_star_model(fixture_dir / "tiny_state_dict.safetensors").eval()
             forward = load_file(fixture_dir / "tiny_forward.safetensors")
-        _check_run(stem, entry, load_file(path), model, forward, report)
+        try:
+            _check_run(stem, entry, load_file(path), model, forward, report)
+        except KeyError as missing:
+            report.fail(stem, f"{path.name} or its {INFO_FILE} entry lacks {missing}; regenerate the fixture set")
     return True
