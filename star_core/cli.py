@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import glob
+import itertools
 import sys
 import tempfile
 import time
@@ -31,6 +32,8 @@ from .video_io import CODECS, VideoInfo, VideoWriter, probe_video, read_frames, 
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
 EXIT_FAILED, EXIT_MODELS_MISSING = 1, 3
+DEMO_FRAMES = 8  # 8 frames of 48x32, x2: small enough for a CPU, long enough to exercise windows and chunks
+READ_BUDGET_BYTES = 256 << 20  # upscaled LR frames held at once by the encode pass
 DEMO_NOTE = ("--demo-tiny: tiny RANDOM-weight models on a generated clip. The output is noise: this checks that the "
              "install runs end to end, not the quality.")
 
@@ -62,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-o", "--output", required=True, type=Path,
                     help="output file (one input) or folder (created; outputs keep the input names)")
     up.add_argument("--demo-tiny", action="store_true",
-                    help="install self-check: tiny random models and a generated clip (the output is noise)")
+                    help="install self-check: tiny random models (the output is noise); without inputs it runs a "
+                         "generated 8-frame clip at x2 with minimal padding and 4-frame chunks")
 
     size = up.add_mutually_exclusive_group()
     size.add_argument("--scale", type=int, choices=(2, 3, 4), default=None, help="upscale factor (default 4, official)")
@@ -112,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                      help="UNet weight dtype; auto = fp16 on GPU (official), fp32 on CPU. VAE and text stay fp32")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (default: torch's choice; 1 helps on an overloaded machine)")
     run.add_argument("--codec", choices=tuple(CODECS), default="h264",
                      help="h264 (CRF 16), h264-lossless (exact RGB), h265, ffv1 (lossless, .mkv)")
     run.add_argument("--crf", type=int, default=None, help="quality of h264/h265 (lower = better)")
@@ -271,7 +277,7 @@ def _frames_float(windows: Iterator[np.ndarray]) -> Iterator[torch.Tensor]:
 
 def _take(frames: Iterator[np.ndarray], count: int) -> np.ndarray:
     """Exactly ``count`` frames from an iterator of single-frame windows."""
-    taken = [window[0] for window, _ in zip(frames, range(count))]
+    taken = [window[0] for window in itertools.islice(frames, count)]
     if len(taken) != count:
         raise ValueError("the input has fewer frames on the second read than on the first: it changed while "
                          "being processed, or its decoder is not deterministic; re-encode it (e.g. to .mkv)")
@@ -286,7 +292,9 @@ def upscale_file(src: Path, dst: Path, args: argparse.Namespace, parts: Componen
     geometry = pipeline.plan_lr(info.frame_count, info.height, info.width, scale=scale, target=args.target_size,
                                 padding=args.padding, fps=float(info.fps))
     noise = RunNoise(args.seed)
-    window = max(1, args.chunk_len)
+    # read a few frames at a time: their upscaled, padded copies are what the encoder holds in memory
+    padded_frame_bytes = 3 * 4 * geometry.padded_size[0] * geometry.padded_size[1]
+    window = max(1, min(pipeline.ENCODE_WINDOW, READ_BUDGET_BYTES // padded_frame_bytes))
     lr_windows = pipeline.prepare_windows(_frames_float(read_frames(src, window)), geometry)
     latent = pipeline.encode_lr(vae, lr_windows, geometry, noise, tile=args.encode_tile,
                                 tile_overlap=args.tile_overlap, callback=progress)
@@ -319,21 +327,54 @@ def upscale_file(src: Path, dst: Path, args: argparse.Namespace, parts: Componen
 
 # ---------------------------------------------------------------------------------------------------- driver
 
+def write_demo_text_encoder(path: Path, seed: int = 3) -> Path:
+    """A 2-layer random text tower of CLIP-H width (1024) and vocabulary, in the HF ``CLIPTextModel`` layout.
+
+    The tiny models tree's own CLIP-H is full depth (354 M parameters, ~45 s to generate here); the demo only
+    needs something the real loader reads and whose width matches the UNet's 1024-wide context.
+    """
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tiny_models import CLIP_H, random_weights
+
+    config = CLIPTextConfig(**{**CLIP_H, "num_hidden_layers": 2, "intermediate_size": 1024})
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in CLIPTextModel(config).state_dict().items()
+                  if not k.endswith("position_ids")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(random_weights(shapes, seed, torch.float16, norm_names=("layer_norm",)), str(path))
+    return path
+
+
+def write_demo_models(models: Path) -> None:
+    """The --demo-tiny models tree: tiny STAR + narrow SVD VAE from `star_core.tiny_models`, a small text tower."""
+    from .tiny_models import write_tree
+
+    write_tree(models, parts=("star", "vae_tiny"))
+    write_demo_text_encoder(models / "text_encoders" / "clip_h_demo.safetensors")
+
+
 @contextmanager
 def _demo_setup(args: argparse.Namespace) -> Iterator[None]:
     """For --demo-tiny: write the tiny models tree (and a clip when no input was given) into a temp folder."""
-    from .tiny_models import write_tiny_models
+    from .text.vocab import fetch_openclip_vocab
+    from .tiny_models import FILES
 
     with tempfile.TemporaryDirectory(prefix="star_demo_") as tmp:
         print(DEMO_NOTE, file=sys.stderr)
         models = Path(tmp) / "models"
-        write_tiny_models(models)
+        write_demo_models(models)
         args.comfy_models, args.offline = models, True
+        args.model = str(models / FILES["star"])
+        args.tokenizer = args.tokenizer or fetch_openclip_vocab()
         if not args.inputs:
-            clip = write_synthetic_clip(Path(tmp) / "demo_input.mp4", frames=12, width=64, height=48, fps=24)
+            clip = write_synthetic_clip(Path(tmp) / "demo_input.mp4", frames=DEMO_FRAMES, width=48, height=32, fps=24)
             args.inputs = [str(clip)]
+            # the generated clip runs x2 with minimal padding and 4-frame chunks (options left at their defaults)
             args.padding = "minimal" if args.padding == "official" else args.padding
             args.scale = args.scale or 2
+            args.chunk_len = 4 if args.chunk_len == 32 else args.chunk_len
         yield
 
 
@@ -357,6 +398,10 @@ def run_upscale(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
     if not checked:
         return EXIT_FAILED if failures else 0
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     models = resolve_models(args.model, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                             comfy_models=args.comfy_models, cache_dir=args.cache_dir, offline=args.offline)
