@@ -14,9 +14,9 @@ from star_core.diffusion.schedule import discretized_timesteps
 
 @pytest.fixture(scope="module")
 def tiny(fixtures_dir):
-    from star_core.checkpoint import load_star_model
+    from star_core.verify.forward import load_fixture_model
 
-    model = load_star_model(fixtures_dir / "tiny_state_dict.safetensors").eval()
+    model = load_fixture_model(fixtures_dir).eval()
     forward = load_file(fixtures_dir / "tiny_forward.safetensors")
     info = json.loads((fixtures_dir / "tiny_sampling_info.json").read_text())
     return model, forward, info

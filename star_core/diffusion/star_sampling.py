@@ -105,7 +105,7 @@ class StarDenoiser:
             xt_chunk = xt[:, :, start:end].contiguous()
             v = self._v(xt_chunk, t, self.hint[:, :, start:end].contiguous())
             self.plan.accumulate(acc, index, alpha_t * xt_chunk - sigma_t * v)
-            del v
+            del v  # free this chunk's prediction before the next chunk's forward
         return self.plan.normalize(acc)
 
 

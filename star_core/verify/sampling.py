@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from ..diffusion import BrownianTreeNoiseSampler, SamplerSettings, c_in, discretized_timesteps, k_sigmas, plan_chunks
 from ..diffusion import alphas_vp, sample_star, sigmas_vp
 from ..diffusion.schedule import diffuse, model_timestep, t_to_sigma
+from .forward import load_fixture_model
 from .report import Report
 
 INFO_FILE = "tiny_sampling_info.json"
@@ -128,8 +129,6 @@ def run(fixture_dir: Path, report: Report) -> bool:
     for path in files:
         if path.stem not in runs:
             print(f"note: {path.name} has no entry in {INFO_FILE}; not checked", flush=True)
-    from ..checkpoint import load_star_model
-
     model = None
     for stem, entry in runs.items():
         path = fixture_dir / f"{stem}.safetensors"
@@ -137,7 +136,7 @@ def run(fixture_dir: Path, report: Report) -> bool:
             report.fail(stem, f"listed in {INFO_FILE} but {path.name} is missing")
             continue
         if model is None:
-            model = load_star_model(fixture_dir / "tiny_state_dict.safetensors").eval()
+            model = load_fixture_model(fixture_dir, report).eval()
             forward = load_file(fixture_dir / "tiny_forward.safetensors")
         try:
             _check_run(stem, entry, load_file(path), model, forward, report)
