@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .model import STARConfig, STARUNet, config_from_state_dict
+from .model import STARConfig, STARUNet, cast_ops, config_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _checked(sd: Mapping[str, torch.Tensor], model: STARUNet) -> dict[str, torch
 
 def load_star_model(source: str | Path | Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", operations: ModuleType | None = None,
-                    config: STARConfig | None = None) -> STARUNet:
+                    config: STARConfig | None = None, compute_dtype: torch.dtype | None = None) -> STARUNet:
     """
     Builds `STARUNet` on ``meta`` and materialises it straight from the checkpoint tensors (no second full copy).
 
@@ -166,6 +166,8 @@ def load_star_model(source: str | Path | Mapping[str, torch.Tensor], *, dtype: t
             checkpoint's floating dtype.
         device (`str` or `torch.device`): where the weights go.
         operations (`module`, *optional*): layer namespace (default ``torch.nn``).
+        compute_dtype (`torch.dtype`, *optional*): forward dtype when it differs from ``dtype`` (weights kept in
+            ``dtype``); needs weight-casting ``operations`` and defaults to `star_core.model.cast_ops` then.
         config (`STARConfig`, *optional*): architecture; default inferred from the tensor shapes. Head counts are
             not visible in shapes, so pass it for non-released configs whose head width is not the inferred one.
 
@@ -183,7 +185,9 @@ def load_star_model(source: str | Path | Mapping[str, torch.Tensor], *, dtype: t
         dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}")
-    model = STARUNet(config, operations=nn if operations is None else operations, device="meta", dtype=dtype)
+    if operations is None:
+        operations = cast_ops if compute_dtype not in (None, dtype) else nn
+    model = STARUNet(config, operations=operations, device="meta", dtype=dtype, compute_dtype=compute_dtype)
     sd = _checked(sd, model)
     for key in list(sd):  # convert tensor by tensor, dropping each source reference as we go
         sd[key] = sd[key].to(device=device, dtype=dtype)

@@ -92,6 +92,18 @@ def test_low_precision_weights(fixtures_dir, forward_data, dtype, tol):
     assert _max_err(out.float(), d["out"]) <= tol
 
 
+def test_bf16_storage_fp32_compute(fixtures_dir, forward_data):
+    d = forward_data
+    model = load_star_model(fixtures_dir / "tiny_state_dict.safetensors", dtype=torch.bfloat16,
+                            compute_dtype=torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.inference_mode():
+        out = model(d["x_t"], d["t"], d["y"], d["hint"])
+    assert out.dtype == torch.float32
+    # Only the weights are rounded, so the error is well below the all-bf16 run's.
+    assert 1e-4 < _max_err(out, d["out"]) <= 0.1
+
+
 def test_attention_is_replaceable_and_sliced(tiny_model, forward_data, monkeypatch):
     d = forward_data
     calls = []

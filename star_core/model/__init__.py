@@ -4,10 +4,11 @@ from .config import STARConfig, config_from_state_dict
 from .controlnet import VideoControlNet
 from .embedding import sinusoidal_embedding
 from .liem import SpatialLIEM, TemporalLIEM
+from .ops import cast_ops
 from .unet import STARUNet, check_latent_size
 
 __all__ = [
-    "STARConfig", "STARUNet", "SpatialLIEM", "TemporalLIEM", "VideoControlNet", "check_latent_size",
+    "STARConfig", "STARUNet", "SpatialLIEM", "TemporalLIEM", "VideoControlNet", "cast_ops", "check_latent_size",
     "config_from_state_dict", "get_attention_function", "sdpa_attention", "set_attention_function",
     "sinusoidal_embedding",
 ]

@@ -22,11 +22,14 @@ class VideoControlNet(nn.Module):
         config (`STARConfig`): architecture.
         operations (`module`): layer namespace.
         device, dtype: factory arguments.
+        compute_dtype (`torch.dtype`, *optional*): dtype of the forward pass; default the parameter dtype.
     """
 
-    def __init__(self, config: STARConfig, operations: ModuleType = nn, device=None, dtype=None) -> None:
+    def __init__(self, config: STARConfig, operations: ModuleType = nn, device=None, dtype=None,
+                 compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
+        self.compute_dtype = compute_dtype
         self.dim = config.dim
         self.time_embed = build_time_embed(config.dim, config.embed_dim, operations, **kw)
         self.input_blocks, widths = build_input_blocks(config, operations, **kw)
@@ -61,9 +64,14 @@ class VideoControlNet(nn.Module):
             h = apply_layer(layer, h, cond)
         yield self.middle_block_out(h)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype: ``compute_dtype`` if set, else the parameter dtype."""
+        return self.compute_dtype or self.input_hint_block.weight.dtype
+
     def conditioning(self, t: torch.Tensor, context: torch.Tensor, frames: int) -> Conditioning:
         """This network's timestep embedding with the per-frame text context."""
-        return make_conditioning(self.time_embed, self.dim, t, context, frames, self.input_hint_block.weight.dtype)
+        return make_conditioning(self.time_embed, self.dim, t, context, frames, self.dtype)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                 hint: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -80,7 +88,7 @@ class VideoControlNet(nn.Module):
             `list[torch.Tensor]`: one ``[(b·f), C, h, w]`` tensor per input block, then the middle-block residual.
         """
         b, c, f, hh, ww = x.shape
-        dtype = self.input_hint_block.weight.dtype
+        dtype = self.dtype
         x = x.to(dtype).transpose(1, 2).reshape(b * f, c, hh, ww)
         if hint is not None:
             hint = hint.to(dtype).transpose(1, 2).reshape(b * f, c, hh, ww)

@@ -48,14 +48,18 @@ class STARUNet(nn.Module):
         operations (`module`): layer namespace providing Linear, Conv1d/2d/3d, GroupNorm, LayerNorm
             (``torch.nn`` or a host's cast ops).
         device (`torch.device`, *optional*): where to create the parameters (``"meta"`` for a free skeleton).
-        dtype (`torch.dtype`, *optional*): parameter dtype; the forward pass computes in it.
+        dtype (`torch.dtype`, *optional*): parameter dtype.
+        compute_dtype (`torch.dtype`, *optional*): dtype of the forward pass (inputs are cast to it); default the
+            parameter dtype. A different one needs ``operations`` that cast weights, e.g. `star_core.model.cast_ops`.
     """
 
-    def __init__(self, config: STARConfig | None = None, operations: ModuleType = nn, device=None, dtype=None) -> None:
+    def __init__(self, config: STARConfig | None = None, operations: ModuleType = nn, device=None, dtype=None,
+                 compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         config = STARConfig() if config is None else config
         kw = {"device": device, "dtype": dtype}
         self.config = config
+        self.compute_dtype = compute_dtype
         self.time_embed = build_time_embed(config.dim, config.embed_dim, operations, **kw)
         self.input_blocks, skip_widths = build_input_blocks(config, operations, **kw)
         self.middle_block = build_middle_block(config, operations, **kw)
@@ -74,12 +78,12 @@ class STARUNet(nn.Module):
                 in_ch = out_ch
         self.out = nn.Sequential(operations.GroupNorm(GROUPS, in_ch, **kw), nn.SiLU(),
                                  operations.Conv2d(in_ch, config.out_dim, 3, padding=1, **kw))
-        self.VideoControlNet = VideoControlNet(config, operations, **kw)
+        self.VideoControlNet = VideoControlNet(config, operations, compute_dtype=compute_dtype, **kw)
 
     @property
     def dtype(self) -> torch.dtype:
-        """Parameter (and compute) dtype."""
-        return self.out[2].weight.dtype
+        """Compute dtype: ``compute_dtype`` if set, else the parameter dtype."""
+        return self.compute_dtype or self.out[2].weight.dtype
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                       hint: torch.Tensor | None) -> torch.Tensor:
@@ -113,7 +117,7 @@ class STARUNet(nn.Module):
                 the ControlNet without the hint injection.
 
         Returns:
-            `torch.Tensor`: ``[B, out_dim, F, H, W]`` v-prediction, in the model's dtype.
+            `torch.Tensor`: ``[B, out_dim, F, H, W]`` v-prediction, in the compute dtype.
         """
         t = self._check_inputs(x, t, context, hint)
         b, c, f, h, w = x.shape
