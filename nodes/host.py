@@ -1,0 +1,189 @@
+"""Host glue between ComfyUI and star_core: memory management, cast layers, progress/interrupt, core objects.
+
+Everything here is ComfyUI-specific plumbing; the numbers are computed by star_core.
+"""
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+
+import comfy.model_management as mm
+import comfy.ops
+import comfy.utils
+from comfy.model_patcher import ModelPatcher
+
+from star_core import pipeline
+from star_core.vae import SVDVideoVAE, build_vae
+
+CATEGORY = "STAR"
+# Keys the STAR nodes add to a ComfyUI LATENT dict (next to "samples").
+GEOMETRY_KEY = "star_geometry"
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+for _name in ("float8_e4m3fn", "float8_e5m2"):
+    if hasattr(torch, _name):  # fp8 storage where this torch has the dtype
+        WEIGHT_DTYPES[_name.replace("float8", "fp8")] = getattr(torch, _name)
+
+
+def pick_dtypes(choice: str, device: torch.device, params: int) -> tuple[torch.dtype, torch.dtype]:
+    """
+    Weight and compute dtype for a user choice, decided by ComfyUI's rules for the device.
+
+    Parameters:
+        choice (`str`): "auto" or a key of `WEIGHT_DTYPES`.
+        device (`torch.device`): the load device.
+        params (`int`): parameter count (ComfyUI's auto choice depends on free memory).
+    """
+    supported = [torch.float16, torch.bfloat16, torch.float32]
+    weight = mm.unet_dtype(device=device, model_params=params, supported_dtypes=supported) if choice == "auto" \
+        else WEIGHT_DTYPES[choice]
+    # ComfyUI's rule: None when the device computes in the weight dtype, else the dtype to cast layers to.
+    return weight, mm.unet_manual_cast(weight, device, supported) or weight
+
+
+def operations_for(weight: torch.dtype, compute: torch.dtype, device: torch.device):
+    """ComfyUI's cast-layer namespace for the dtypes, so ModelPatcher can load/offload/partially load layers."""
+    return comfy.ops.pick_operations(weight, compute, load_device=device)
+
+
+def wrap_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> ModelPatcher:
+    """Puts a STAR network under ComfyUI's memory manager (offloaded until `load_models_gpu`)."""
+    model.star_compute_dtype = compute_dtype
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(), size=size)
+
+
+def model_function(patcher: ModelPatcher) -> Callable:
+    """Loads the patched model through ComfyUI and returns the sampler's `model_fn` in its compute dtype."""
+    mm.load_models_gpu([patcher])
+    model, device = patcher.model, patcher.load_device
+    dtype = getattr(model, "star_compute_dtype", torch.float32)
+
+    def model_fn(x, t, context, hint):
+        mm.throw_exception_if_processing_interrupted()  # Cancel is honoured before every network call
+        hint = hint.to(device, dtype) if hint is not None else None
+        v = model(x.to(device, dtype), t.to(device), context.to(device, dtype), hint)
+        return v.to(x.device, x.dtype)
+
+    return model_fn
+
+
+class Progress:
+    """star_core's `callback(stage, done, total)` → a ComfyUI progress bar per stage, and Cancel."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, comfy.utils.ProgressBar] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        bar = self.bars.get(stage)
+        if bar is None:
+            bar = self.bars[stage] = comfy.utils.ProgressBar(total)
+        bar.update_absolute(done, total)
+
+    def tiles(self, stage: str) -> Callable[[int, int], None]:
+        """The VAE's per-tile `callback(done, total)` form."""
+        return lambda done, total: self(stage, done, total)
+
+
+_converted: "weakref.WeakKeyDictionary[object, SVDVideoVAE]" = weakref.WeakKeyDictionary()
+
+
+def video_vae(vae) -> SVDVideoVAE:
+    """
+    The STAR video VAE behind a node's VAE input: a STAR VAE as is, or a core ComfyUI `VAE` that holds the SVD
+    temporal-decoder VAE (its weights are re-read once into star_core's SVD adapter, on ComfyUI's VAE device).
+    """
+    if isinstance(vae, SVDVideoVAE):
+        return vae
+    inner = getattr(vae, "first_stage_model", None)
+    if inner is None:
+        raise ValueError(f"vae: expected a ComfyUI VAE or a STAR VAE, got {type(vae).__name__}")
+    cached = _converted.get(vae)
+    if cached is None:
+        try:
+            model = build_vae(inner.state_dict(), source="the ComfyUI VAE")
+        except ValueError as exc:
+            raise ValueError(f"vae: this ComfyUI VAE is not the SVD temporal-decoder VAE STAR needs ({exc}). Load "
+                             "the SVD VAE (e.g. svd_xt_vae.safetensors) with Load VAE or STAR VAE Loader") from exc
+        cached = _converted[vae] = SVDVideoVAE(model.to(mm.vae_device()))
+    return cached
+
+
+def conditioning_context(conditioning, name: str) -> torch.Tensor:
+    """The [1,77,W] text context from a CONDITIONING (first entry; prompts longer than 77 tokens are cut)."""
+    try:
+        context = conditioning[0][0]
+    except (TypeError, IndexError, KeyError):
+        raise ValueError(f"{name}: expected CONDITIONING from STAR Text Encode or CLIP Text Encode") from None
+    if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[1] < 77:
+        shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ValueError(f"{name}: conditioning tensor {shape} is not [1,77·n,width] from a CLIP text encoder")
+    return context[:1, :77]
+
+
+def geometry_of(latent: dict, name: str):
+    """The `Geometry` a STAR LR Encode attached to a LATENT."""
+    from star_core.geometry import Geometry
+
+    if not isinstance(latent, dict) or GEOMETRY_KEY not in latent:
+        raise ValueError(f"{name}: this LATENT has no STAR geometry; make it with STAR LR Encode (and STAR Sampler)")
+    return Geometry.from_dict(latent[GEOMETRY_KEY])
+
+
+def to_output(frames: torch.Tensor) -> torch.Tensor:
+    """Node outputs live on ComfyUI's intermediate device, float32."""
+    return frames.to(mm.intermediate_device(), torch.float32)
+
+
+__all__ = ["CATEGORY", "GEOMETRY_KEY", "WEIGHT_DTYPES", "Progress", "conditioning_context", "geometry_of",
+           "model_function", "operations_for", "pick_dtypes", "pipeline", "to_output", "video_vae", "wrap_model"]
+
+
+def store_cast_weights(model: torch.nn.Module, dtype: torch.dtype, keep: tuple[torch.nn.Module, ...]) -> None:
+    """
+    Stores the matmul/conv weights of ComfyUI cast layers in `dtype` (fp8); they are cast back per call.
+
+    Parameters:
+        model (`torch.nn.Module`): built with ComfyUI's cast operations.
+        dtype (`torch.dtype`): the storage dtype.
+        keep (`tuple[torch.nn.Module, ...]`): layers left in the compute dtype (those the network reads its
+            compute dtype from).
+    """
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if module in keep or not getattr(module, "comfy_cast_weights", False) or weight is None or weight.ndim < 2:
+            continue
+        module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+
+
+def encode_text(clip, text: str) -> list:
+    """CONDITIONING for `text` from a core CLIP, cut to its first 77-token window like the official encoder."""
+    tokens = clip.tokenize(text)
+    first_window = {name: windows[:1] for name, windows in tokens.items()}
+    return clip.encode_from_tokens_scheduled(first_window)
+
+
+class _HostTokenizer:
+    """star_core's tokenizer interface (`encode`/`decode` of BPE ids) over a core CLIP's HF tokenizer."""
+
+    def __init__(self, hf_tokenizer) -> None:
+        self.hf = hf_tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids)
+
+
+def clip_tokenizer(clip) -> _HostTokenizer:
+    """The CLIP-H BPE tokenizer inside a core CLIP (needed to shorten prompts for the protected suffix)."""
+    inner = getattr(getattr(clip, "tokenizer", None), "clip_h", None)
+    hf = getattr(inner, "tokenizer", None)
+    if hf is None:
+        raise ValueError("STAR Text Encode: suffix 'protected' needs an SD 2.x CLIP-H (its tokenizer was not found "
+                         "in this CLIP); use suffix 'official' or load the CLIP with type stable_diffusion")
+    return _HostTokenizer(hf)
