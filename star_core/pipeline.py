@@ -84,7 +84,8 @@ def frames_to_pixels(frames: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"frames must be a [T,H,W,3] RGB tensor in 0..1 (ComfyUI IMAGE), got {shape}")
     if not frames.is_floating_point():
         raise ValueError(f"frames must be float in 0..1, got {frames.dtype}; divide uint8 frames by 255")
-    pixels = frames.to(torch.float32).permute(0, 3, 1, 2).clamp(0, 1)
+    # contiguous NCHW: a channels-last view would make torch's CPU GroupNorm lose precision on flat padding
+    pixels = frames.to(torch.float32).permute(0, 3, 1, 2).contiguous().clamp(0, 1)
     return (pixels - 0.5) / 0.5
 
 
@@ -177,7 +178,7 @@ def encode_prompts(
     """
     from .text import NEGATIVE_PROMPT, build_caption
 
-    caption = build_caption(prompt, suffix=suffix)
+    caption = build_caption(prompt, suffix=suffix, tokenizer=getattr(text_encoder, "tokenizer", None))
     embeddings = text_encoder.encode([caption, NEGATIVE_PROMPT if negative_prompt is None else negative_prompt])
     return embeddings[0:1], embeddings[1:2]
 

@@ -1,13 +1,21 @@
 """Pipeline composition: RunNoise (reproducible, injectable, official order) and tiny end-to-end runs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from star_core.checkpoint import load_star_model
+from star_core.diffusion.star_sampling import SamplerSettings
+from star_core.pipeline import (
+    DecodeOptions, decode, decode_pixels, encode_lr, model_evaluations, prepare_lr, prepare_windows, to_uint8,
+    upscale_video,
+)
 from star_core.seeds import RunNoise
+from star_core.vae import SpatialTiling, load_svd_vae
 
 
 def test_run_noise_reproduces_the_official_cpu_draws(fixtures_dir):
@@ -60,3 +68,98 @@ def test_run_noise_seeds_differ_and_repeat():
     ea, eb, ec = a.diffuse_eps(shape), b.diffuse_eps(shape), c.diffuse_eps(shape)
     assert torch.equal(ea, eb) and not torch.equal(ea, ec)
     assert a.brownian() == b.brownian() != c.brownian()
+
+
+# ---- tiny end-to-end runs (tiny UNet and VAE of the fixture set, random contexts) -------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These runs are many tiny ops: one thread avoids OpenMP contention on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(fixtures_dir):
+    model = load_star_model(fixtures_dir / "tiny_state_dict.safetensors", dtype=torch.float32)
+    vae = load_svd_vae(fixtures_dir / "vae_tiny.safetensors", config=fixtures_dir / "vae_tiny_config.json")
+    g = torch.Generator().manual_seed(0)
+    width = model.config.context_dim
+    return model, vae, torch.randn(1, 77, width, generator=g), torch.randn(1, 77, width, generator=g)
+
+
+def test_tiny_run_non_official_options_exact_output(tiny_parts):
+    """Minimal padding, odd sizes, blended chunks, overlapping decode windows and spatial tiles."""
+    model, vae, positive, negative = tiny_parts
+    frames = torch.rand(5, 10, 14, 3, generator=torch.Generator().manual_seed(1))
+    settings = SamplerSettings(mode="normal", steps=2, chunk_len=3, overlap=1, fusion="hann")
+    options = DecodeOptions(window=2, window_overlap=1, tile=32, tile_overlap=16)
+    events: list[tuple[str, int, int]] = []
+    out = upscale_video(frames, model=model, vae=vae, positive=positive, negative=negative, scale=2,
+                        padding="minimal", settings=settings, noise=7, decode_options=options,
+                        callback=lambda *e: events.append(e))
+    assert out.shape == (5, 20, 28, 3) and out.dtype == torch.float32
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    samples = [e for e in events if e[0] == "sample"]
+    assert len(samples) == model_evaluations(settings, 5) == samples[-1][2] == samples[-1][1]
+    assert [e[0] for e in events if e[0] != "sample"][-1] == "decode"
+    for stage in ("encode", "decode"):
+        last = [e for e in events if e[0] == stage][-1]
+        assert last[1] == last[2] > 0
+    # the same seed gives the same video
+    again = upscale_video(frames, model=model, vae=vae, positive=positive, negative=negative, scale=2,
+                          padding="minimal", settings=settings, noise=7, decode_options=options)
+    assert torch.equal(out, again)
+
+
+def test_streamed_stages_match_whole_video_calls(tiny_parts):
+    """encode from an iterator of windows == from a tensor; streamed blended decode == the VAE's whole decode."""
+    _, vae, _, _ = tiny_parts
+    frames = torch.rand(4, 9, 11, 3, generator=torch.Generator().manual_seed(2))
+    pixels, geometry = prepare_lr(frames, target=(17, 23), padding="minimal", fps=24.0)
+    assert geometry.target_size == (17, 23) and geometry.fps == 24.0
+    whole = encode_lr(vae, pixels, geometry, RunNoise(3))
+    windows = prepare_windows((frames[i:i + 3] for i in range(0, 4, 3)), geometry)
+    streamed = encode_lr(vae, windows, geometry, RunNoise(3))
+    assert torch.equal(whole, streamed)
+    options = DecodeOptions(window=2, window_overlap=1, tile=32, tile_overlap=8)
+    chunks = list(decode_pixels(vae, whole, geometry, options))
+    assert [c.shape[0] for c in chunks] == [1, 1, 2]  # a frame leaves as soon as its windows are decoded
+    reference = vae.decode(whole, 2, 1, tiling=SpatialTiling(32, 8))
+    assert (torch.cat(chunks) - geometry.crop(reference)).abs().max() < 1e-5
+    images = torch.cat(list(decode(vae, whole, geometry, options)))
+    assert images.shape == (4, 17, 23, 3)
+
+
+def test_one_frame_and_errors(tiny_parts):
+    model, vae, positive, negative = tiny_parts
+    frames = torch.rand(1, 7, 9, 3, generator=torch.Generator().manual_seed(4))
+    settings = SamplerSettings(mode="normal", steps=1, cfg=1.0)
+    out = upscale_video(frames, model=model, vae=vae, positive=positive, negative=negative, target=(13, 17),
+                        padding="minimal", settings=settings, noise=RunNoise(1), colour="wavelet",
+                        colour_strength=0.5)
+    assert out.shape == (1, 13, 17, 3)
+
+    def cancel(stage: str, done: int, total: int) -> None:
+        if stage == "sample":
+            raise InterruptedError("cancelled")
+
+    with pytest.raises(InterruptedError):
+        upscale_video(frames, model=model, vae=vae, positive=positive, negative=negative, scale=2,
+                      padding="minimal", settings=settings, callback=cancel)
+    pixels, geometry = prepare_lr(frames, scale=2, padding="minimal")
+    with pytest.raises(ValueError, match="needs a RunNoise"):
+        encode_lr(vae, pixels, geometry)
+    with pytest.raises(ValueError, match="got 1 frames, the geometry says 2"):
+        encode_lr(vae, pixels, dataclasses.replace(geometry, frames=2), sample=False)
+    with pytest.raises(ValueError, match=r"\[T,H,W,3\]"):
+        prepare_lr(torch.rand(1, 3, 7, 9), scale=2)
+    with pytest.raises(ValueError, match="does not match its geometry"):
+        list(decode(vae, torch.zeros(1, 4, 2, 2, 8), geometry))
+
+
+def test_uint8_truncates_like_the_official_writer():
+    frames = torch.tensor([0.0, 0.999 / 255, 1.999 / 255, 0.5, 1.0, 1.5, -0.2]).view(1, 1, 7, 1)
+    assert to_uint8(frames).flatten().tolist() == [0, 0, 1, 127, 255, 255, 0]
