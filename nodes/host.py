@@ -14,7 +14,6 @@ import comfy.ops
 import comfy.utils
 from comfy.model_patcher import ModelPatcher
 
-from star_core import pipeline
 from star_core.vae import SVDVideoVAE, build_vae
 
 CATEGORY = "STAR"
@@ -48,9 +47,8 @@ def operations_for(weight: torch.dtype, compute: torch.dtype, device: torch.devi
     return comfy.ops.pick_operations(weight, compute, load_device=device)
 
 
-def wrap_model(model: torch.nn.Module, compute_dtype: torch.dtype) -> ModelPatcher:
+def wrap_model(model: torch.nn.Module) -> ModelPatcher:
     """Puts a STAR network under ComfyUI's memory manager (offloaded until `load_models_gpu`)."""
-    model.star_compute_dtype = compute_dtype
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(), size=size)
 
@@ -59,7 +57,7 @@ def model_function(patcher: ModelPatcher) -> Callable:
     """Loads the patched model through ComfyUI and returns the sampler's `model_fn` in its compute dtype."""
     mm.load_models_gpu([patcher])
     model, device = patcher.model, patcher.load_device
-    dtype = getattr(model, "star_compute_dtype", torch.float32)
+    dtype = model.dtype  # STARUNet's compute dtype
 
     def model_fn(x, t, context, hint):
         mm.throw_exception_if_processing_interrupted()  # Cancel is honoured before every network call
@@ -138,25 +136,12 @@ def to_output(frames: torch.Tensor) -> torch.Tensor:
     return frames.to(mm.intermediate_device(), torch.float32)
 
 
-__all__ = ["CATEGORY", "GEOMETRY_KEY", "WEIGHT_DTYPES", "Progress", "conditioning_context", "geometry_of",
-           "model_function", "operations_for", "pick_dtypes", "pipeline", "to_output", "video_vae", "wrap_model"]
-
-
-def store_cast_weights(model: torch.nn.Module, dtype: torch.dtype, keep: tuple[torch.nn.Module, ...]) -> None:
-    """
-    Stores the matmul/conv weights of ComfyUI cast layers in `dtype` (fp8); they are cast back per call.
-
-    Parameters:
-        model (`torch.nn.Module`): built with ComfyUI's cast operations.
-        dtype (`torch.dtype`): the storage dtype.
-        keep (`tuple[torch.nn.Module, ...]`): layers left in the compute dtype (those the network reads its
-            compute dtype from).
-    """
+def store_cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Stores the matmul/conv weights of ComfyUI cast layers in `dtype` (fp8); they are cast back per call."""
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if module in keep or not getattr(module, "comfy_cast_weights", False) or weight is None or weight.ndim < 2:
-            continue
-        module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        if getattr(module, "comfy_cast_weights", False) and weight is not None and weight.ndim >= 2:
+            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
 
 
 def encode_text(clip, text: str) -> list:

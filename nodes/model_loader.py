@@ -42,10 +42,10 @@ class STARModelLoader(io.ComfyNode):
         device = host.mm.get_torch_device()
         weight, compute = host.pick_dtypes(weight_dtype, device, params)
         build_dtype = compute if weight in STORAGE_ONLY else weight
-        model = load_star_model(state_dict, dtype=build_dtype, device=host.mm.unet_offload_device(),
+        model = load_star_model(state_dict, dtype=build_dtype, compute_dtype=compute,
+                                device=host.mm.unet_offload_device(),
                                 operations=host.operations_for(weight, compute, device))
         del state_dict
         if weight in STORAGE_ONLY:
-            # STARUNet and its ControlNet compute in the dtype of these two layers: they stay in the compute dtype.
-            host.store_cast_weights(model, weight, keep=(model.out[2], model.VideoControlNet.input_hint_block))
-        return io.NodeOutput(host.wrap_model(model, compute))
+            host.store_cast_weights(model, weight)
+        return io.NodeOutput(host.wrap_model(model))

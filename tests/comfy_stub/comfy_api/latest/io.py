@@ -141,7 +141,7 @@ class Schema:
         inp: dict = {"required": {}}
         for i in self.inputs:
             opts = {k: v for k, v in i.as_dict().items() if k != "optional"}
-            inp["optional" if i.optional else "required"][i.id] = [i.get_io_type(), opts]
+            inp.setdefault("optional" if i.optional else "required", {})[i.id] = [i.get_io_type(), opts]
         return {
             "input": inp,
             "input_order": {k: list(v) for k, v in inp.items()},

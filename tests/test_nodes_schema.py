@@ -1,0 +1,79 @@
+"""Node schemas: rendered by the host stub, compared with the pack's /object_info entries recorded from a real
+ComfyUI (0.3.64), plus the rules ComfyUI's validation applies to them."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent / "comfy_stub"))
+import harness  # noqa: E402
+
+RECORDED = json.loads((Path(__file__).parent / "comfy_stub" / "object_info_star.json").read_text())
+# Combos listing model files: their options are the models folder's content, not part of the schema.
+FILE_COMBOS = {("STARModelLoader", "ckpt_name"): "STAR", ("STARVAELoader", "vae_name"): "vae"}
+
+
+@pytest.fixture(scope="module")
+def schemas(tmp_path_factory) -> dict:
+    models = tmp_path_factory.mktemp("models")
+    for name in ("STAR/b.pt", "STAR/a.safetensors", "STAR/notes.txt", "vae/svd/diffusion_pytorch_model.safetensors"):
+        (models / name).parent.mkdir(parents=True, exist_ok=True)
+        (models / name).write_bytes(b"")
+    nodes = harness.node_classes(harness.load_pack(models))
+    return {node_id: cls.define_schema().v1_info() for node_id, cls in nodes.items()}
+
+
+def _inputs(info: dict) -> dict:
+    return {name: spec for group in ("required", "optional") for name, spec in info["input"].get(group, {}).items()}
+
+
+def test_every_recorded_node_is_registered(schemas):
+    assert sorted(schemas) == sorted(RECORDED)
+
+
+@pytest.mark.parametrize("node_id", sorted(RECORDED))
+def test_schema_matches_the_real_host(schemas, node_id):
+    ours, real = schemas[node_id], RECORDED[node_id]
+    for key in ("input_order", "output", "output_name", "output_is_list", "name", "display_name", "description",
+                "category", "output_node"):
+        assert ours[key] == real[key], key
+    for name, (io_type, options) in _inputs(real).items():
+        our_type, our_options = _inputs(ours)[name]
+        assert our_type == io_type, name
+        if (node_id, name) in FILE_COMBOS:
+            options = {k: v for k, v in options.items() if k != "options"}
+            our_options = {k: v for k, v in our_options.items() if k != "options"}
+        assert our_options == options, name
+
+
+def test_model_combos_list_the_folders_weight_files(schemas):
+    assert _inputs(schemas["STARModelLoader"])["ckpt_name"][1]["options"] == ["a.safetensors", "b.pt"]
+    assert _inputs(schemas["STARVAELoader"])["vae_name"][1]["options"] == ["svd/diffusion_pytorch_model.safetensors"]
+
+
+@pytest.mark.parametrize("node_id", sorted(RECORDED))
+def test_inputs_have_tooltips_and_valid_defaults(node_id):
+    for name, (io_type, options) in _inputs(RECORDED[node_id]).items():
+        assert len(options.get("tooltip", "")) > 20, f"{node_id}.{name} needs a tooltip"
+        if "default" not in options:
+            continue
+        default = options["default"]
+        if io_type == "COMBO":
+            assert default in options["options"], name
+        if io_type in ("INT", "FLOAT"):
+            assert options["min"] <= default <= options["max"], name
+
+
+def test_category_and_official_defaults():
+    assert {info["category"] for info in RECORDED.values()} == {"STAR"}
+    sampler = _inputs(RECORDED["STARSampler"])
+    assert sampler["seed"][1]["control_after_generate"] is True
+    official = {"seed": 666, "solver_mode": "fast", "steps": 15, "cfg": 7.5, "rescale": 0.2, "denoise": 1.0,
+                "chunk_length": 32}
+    assert {k: sampler[k][1]["default"] for k in official} == official
+    assert _inputs(RECORDED["STARLREncode"])["vae"][0] == "VAE,STAR_VAE"
+    assert _inputs(RECORDED["STARTextEncode"])["suffix"][1]["default"] == "official"
+    assert _inputs(RECORDED["STARColourFix"])["method"][1]["default"] == "adain"
