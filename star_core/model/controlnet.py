@@ -48,7 +48,7 @@ class VideoControlNet(nn.Module):
         Parameters:
             x (`torch.Tensor`): ``[(b·f), in_dim, H, W]`` noisy latent in frame-major layout.
             hint (`torch.Tensor`, *optional*): ``[(b·f), in_dim, H, W]`` LR latent, or ``None`` (no injection).
-            cond (`Conditioning`): this network's own timestep embedding and the per-frame text context.
+            cond (`Conditioning`): this network's own per-frame timestep embedding and the text context.
         """
         first = self.input_blocks[0]
         h = first[0](x)
@@ -70,7 +70,7 @@ class VideoControlNet(nn.Module):
         return self.compute_dtype or self.input_hint_block.weight.dtype
 
     def conditioning(self, t: torch.Tensor, context: torch.Tensor, frames: int) -> Conditioning:
-        """This network's timestep embedding with the per-frame text context."""
+        """This network's per-frame timestep embedding with the text context."""
         return make_conditioning(self.time_embed, self.dim, t, context, frames, self.dtype)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,

@@ -17,14 +17,14 @@ class Conditioning(NamedTuple):
     """What the conditioned layers read besides the activations, already repeated per frame."""
 
     emb: torch.Tensor  # timestep embedding [(b·f), 4·dim]
-    context: torch.Tensor  # text context [(b·f), 77, context_dim]
+    context: torch.Tensor  # text context [b, 77, context_dim] (the cross-attention shares each row across frames)
     batch: int  # b, to split (b·f) for the temporal layers
 
 
 def make_conditioning(time_embed: nn.Module, dim: int, t: torch.Tensor, context: torch.Tensor,
                       frames: int, dtype: torch.dtype) -> Conditioning:
     """
-    Embeds ``t`` and repeats embedding and text context per frame (``(b f)`` order: frames of one sample together).
+    Embeds ``t`` and repeats it per frame (``(b f)`` order: frames of one sample together); casts the context.
 
     Parameters:
         time_embed (`nn.Module`): the timestep MLP.
@@ -35,8 +35,7 @@ def make_conditioning(time_embed: nn.Module, dim: int, t: torch.Tensor, context:
         dtype (`torch.dtype`): compute dtype.
     """
     emb = time_embed(sinusoidal_embedding(t, dim).to(dtype))
-    return Conditioning(emb.repeat_interleave(frames, dim=0), context.to(dtype).repeat_interleave(frames, dim=0),
-                        t.shape[0])
+    return Conditioning(emb.repeat_interleave(frames, dim=0), context.to(dtype), t.shape[0])
 
 
 def apply_layer(layer: nn.Module, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:

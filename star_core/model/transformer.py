@@ -37,10 +37,18 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(operations.Linear(inner, query_dim, device=device, dtype=dtype), nn.Identity())
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` ``[N, L, query_dim]``, ``context`` ``[N, Lc, context_dim]`` or ``None`` → ``[N, L, query_dim]``."""
-        context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
-        return self.to_out[0](out)
+        """
+        ``x`` ``[N, L, query_dim]``; ``context`` ``None`` (self-attention) or ``[N / r, Lc, context_dim]`` whose row i
+        serves the r consecutive rows ``x[i*r:(i+1)*r]`` (the frames of one sample) → ``[N, L, query_dim]``.
+        """
+        if context is None:
+            k, v = self.to_k(x), self.to_v(x)
+        else:
+            # Project the text once per sample rather than once per frame, then share it across the frames.
+            reps = x.shape[0] // context.shape[0]
+            k = self.to_k(context).repeat_interleave(reps, dim=0)
+            v = self.to_v(context).repeat_interleave(reps, dim=0)
+        return self.to_out[0](attention(self.to_q(x), k, v, self.heads))
 
 
 class GEGLU(nn.Module):
@@ -94,7 +102,7 @@ class SpatialTransformerBlock(_TransformerBlockBase):
         self.local1 = SpatialLIEM(operations, device, dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """``x`` ``[N, h*w, C]``, ``context`` ``[N, 77, context_dim]``."""
+        """``x`` ``[(b·f), h*w, C]``, ``context`` ``[b, 77, context_dim]``."""
         n, _, c = x.shape
         gated = self.local1(x.transpose(1, 2).reshape(n, c, h, w)).flatten(2).transpose(1, 2)
         x = self.attn1(self.norm1(gated)) + x
@@ -144,7 +152,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = operations.Linear(inner, channels, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[(b·f), C, h, w]``, ``context`` ``[(b·f), 77, context_dim]`` → same shape as ``x``."""
+        """``x`` ``[(b·f), C, h, w]``, ``context`` ``[b, 77, context_dim]`` → same shape as ``x``."""
         n, c, h, w = x.shape
         t = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         t = self.transformer_blocks[0](t, context, h, w)
