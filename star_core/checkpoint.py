@@ -162,14 +162,14 @@ def load_star_model(source: str | Path | Mapping[str, torch.Tensor], *, dtype: t
 
     Parameters:
         source (`str`, `Path` or `Mapping`): checkpoint file, or an already loaded state dict.
-        dtype (`torch.dtype`, *optional*): weight/compute dtype (float32, float16, bfloat16); default: the
-            checkpoint's floating dtype.
+        dtype (`torch.dtype`, *optional*): weight dtype (float32, float16, bfloat16), also the compute dtype unless
+            ``compute_dtype`` is given; default: the checkpoint's floating dtype.
         device (`str` or `torch.device`): where the weights go.
         operations (`module`, *optional*): layer namespace (default ``torch.nn``).
-        compute_dtype (`torch.dtype`, *optional*): forward dtype when it differs from ``dtype`` (weights kept in
-            ``dtype``); needs weight-casting ``operations`` and defaults to `star_core.model.cast_ops` then.
         config (`STARConfig`, *optional*): architecture; default inferred from the tensor shapes. Head counts are
             not visible in shapes, so pass it for non-released configs whose head width is not the inferred one.
+        compute_dtype (`torch.dtype`, *optional*): forward dtype when it differs from ``dtype`` (weights kept in
+            ``dtype``); needs weight-casting ``operations`` and defaults to `star_core.model.cast_ops` then.
 
     Returns:
         `STARUNet`: in eval mode, parameters without gradients.
