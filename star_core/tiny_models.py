@@ -114,14 +114,18 @@ def svd_vae_weights(block_out_channels: tuple[int, ...], layers_per_block: int, 
     return {k: v.to(dtype) for k, v in diffusers_to_svd(weights).items()}
 
 
-def clip_h_weights(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """A full-width SD 2.x CLIP-H text encoder in the HF ``CLIPTextModelWithProjection`` layout ComfyUI loads."""
+def clip_h_shapes() -> dict[str, tuple[int, ...]]:
+    """Key → shape of the SD 2.x CLIP-H text encoder in the HF ``CLIPTextModelWithProjection`` layout."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     with torch.device("meta"):
         model = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_H))
-    shapes = {k: v for k, v in _meta_shapes(model).items() if not k.endswith("position_ids")}
-    return random_weights(shapes, seed, dtype, norm_names=("layer_norm",))
+    return {k: v for k, v in _meta_shapes(model).items() if not k.endswith("position_ids")}
+
+
+def clip_h_weights(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """A full-width SD 2.x CLIP-H text encoder with random weights, in the layout ComfyUI's CLIP loader detects."""
+    return random_weights(clip_h_shapes(), seed, dtype, norm_names=("layer_norm",))
 
 
 def write_tree(root: Path | str, parts: Iterable[str] = PARTS, seed: int = 0) -> dict[str, Path]:
