@@ -100,3 +100,17 @@ def test_single_pixel_source_is_finite():
 def test_bad_input_is_named(restored, lr, kwargs, message):
     with pytest.raises(ValueError, match=message):
         apply_colour_fix(restored, lr, **kwargs)
+
+
+def test_adain_reproduces_the_end_to_end_output(fixtures_dir):
+    """The official tail of the e2e fixture: tensor2vid of the decoded video, then AdaIN against the LR frames."""
+    from safetensors import safe_open
+
+    with safe_open(str(fixtures_dir / "e2e_tiny.safetensors"), "pt") as f:
+        decoded, lr_frames = f.get_tensor("video_decoded"), f.get_tensor("lr_frames")
+        expected, expected_uint8 = f.get_tensor("output_float"), f.get_tensor("output_uint8")
+    frames_0_255 = (decoded[0] * 0.5 + 0.5).clamp(0, 1).permute(1, 2, 3, 0) * 255  # [T,H,W,C], as tensor2vid
+    out = adain_color_fix(frames_0_255 / 255, _lr(lr_frames)) * 255
+    assert out.shape == expected.shape
+    assert (out - expected).abs().max().item() <= 1e-4
+    assert torch.equal(out.to(torch.uint8), expected_uint8)
