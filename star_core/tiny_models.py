@@ -41,7 +41,7 @@ FILES = {
 
 
 def random_weights(shapes: Mapping[str, tuple[int, ...]], seed: int, dtype: torch.dtype = torch.float32,
-                   norm_names: Iterable[str] = ("norm", "ln_")) -> dict[str, torch.Tensor]:
+                   norm_keys: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """
     Deterministic random tensors in the recipe of the fixtures: norm weights ``1 + 0.1·randn``, other 1-D tensors
     ``0.05·randn``, everything else ``randn / sqrt(fan_in)``, so activations keep a sane scale through deep stacks.
@@ -50,16 +50,15 @@ def random_weights(shapes: Mapping[str, tuple[int, ...]], seed: int, dtype: torc
         shapes (`Mapping[str, tuple[int, ...]]`): key → shape, in the order to draw.
         seed (`int`): seed of the dedicated generator.
         dtype (`torch.dtype`): storage dtype of the result.
-        norm_names (`Iterable[str]`): substrings that mark normalisation layers.
+        norm_keys (`Iterable[str]`): the keys that are normalisation-layer weights.
     """
     generator = torch.Generator().manual_seed(seed)
-    markers = tuple(norm_names)
+    norms = set(norm_keys)
     out = {}
     for key, shape in shapes.items():
         value = torch.randn(shape, generator=generator)
         if len(shape) <= 1:
-            is_norm_weight = key.endswith("weight") and any(m in key for m in markers)
-            value = 1 + 0.1 * value if is_norm_weight else 0.05 * value
+            value = 1 + 0.1 * value if key in norms else 0.05 * value
         else:
             value = value / _fan_in(shape) ** 0.5
         out[key] = value.to(dtype)
@@ -77,13 +76,18 @@ def _meta_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
 
+def _norm_keys(module: torch.nn.Module) -> set[str]:
+    return {f"{name}.weight" for name, m in module.named_modules()
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))}
+
+
 def star_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     """The tiny STAR network's state dict in the official key layout (float32)."""
     from .model import STARConfig, STARUNet
 
     with torch.device("meta"):
         model = STARUNet(STARConfig(**TINY_STAR))
-    return random_weights(_meta_shapes(model), seed)
+    return random_weights(_meta_shapes(model), seed, norm_keys=_norm_keys(model))
 
 
 def svd_vae_weights(block_out_channels: tuple[int, ...], layers_per_block: int, seed: int = 0,
@@ -105,7 +109,7 @@ def svd_vae_weights(block_out_channels: tuple[int, ...], layers_per_block: int, 
         vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * levels,
                                            block_out_channels=tuple(block_out_channels),
                                            layers_per_block=layers_per_block, latent_channels=4)
-    weights = random_weights(_meta_shapes(vae), seed, norm_names=("norm",))
+    weights = random_weights(_meta_shapes(vae), seed, norm_keys=_norm_keys(vae))
     channels = weights["quant_conv.weight"].shape[0]
     # No quant_conv in the original layout: an identity one converts away, as in the released SVD VAE.
     weights["quant_conv.weight"] = torch.eye(channels)[:, :, None, None]
@@ -114,18 +118,21 @@ def svd_vae_weights(block_out_channels: tuple[int, ...], layers_per_block: int, 
     return {k: v.to(dtype) for k, v in diffusers_to_svd(weights).items()}
 
 
-def clip_h_shapes() -> dict[str, tuple[int, ...]]:
-    """Key → shape of the SD 2.x CLIP-H text encoder in the HF ``CLIPTextModelWithProjection`` layout."""
+def _clip_h_meta() -> torch.nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        model = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_H))
-    return {k: v for k, v in _meta_shapes(model).items() if not k.endswith("position_ids")}
+        return CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_H))
+
+
+def clip_h_shapes() -> dict[str, tuple[int, ...]]:
+    """Key → shape of the SD 2.x CLIP-H text encoder in the HF ``CLIPTextModelWithProjection`` layout."""
+    return {k: v for k, v in _meta_shapes(_clip_h_meta()).items() if not k.endswith("position_ids")}
 
 
 def clip_h_weights(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
     """A full-width SD 2.x CLIP-H text encoder with random weights, in the layout ComfyUI's CLIP loader detects."""
-    return random_weights(clip_h_shapes(), seed, dtype, norm_names=("layer_norm",))
+    return random_weights(clip_h_shapes(), seed, dtype, norm_keys=_norm_keys(_clip_h_meta()))
 
 
 def write_tree(root: Path | str, parts: Iterable[str] = PARTS, seed: int = 0) -> dict[str, Path]:
