@@ -166,6 +166,13 @@ def find_comfy_tokenizer(models_dir: Path) -> Path | None:
     return None
 
 
+def _cached_openclip_vocab(cache_dir: Path) -> Path | None:
+    """open_clip's BPE vocab when the text module has already cached it (the same tokenizer as the HF files)."""
+    from .text.vocab import find_openclip_vocab
+
+    return find_openclip_vocab(cache_dir)
+
+
 def _hub_expectation(spec: ModelFile, endpoint: str | None, token: str | bool | None) -> tuple[int | None, str | None]:
     """Size and SHA-256 to check a download against: pinned values, else what the hub reports for the file."""
     if spec.size is not None or spec.sha256 is not None:
@@ -302,7 +309,8 @@ def resolve_models(model: str = "light", *, vae: str | Path | None = None,
     text_path = explicit(text_encoder, "--text-encoder") or (comfy and find_comfy_text_encoder(comfy))
     text_path = text_path or _cached_or_downloaded(TEXT_ENCODER, cache, offline, endpoint, problems)
 
-    tok_path = explicit(tokenizer, "--tokenizer") or (comfy and find_comfy_tokenizer(comfy))
+    tok_path = explicit(tokenizer, "--tokenizer") or (comfy and find_comfy_tokenizer(comfy)) \
+        or _cached_openclip_vocab(cache)
     if not tok_path:
         parts = [_cached_or_downloaded(spec, cache, offline, endpoint, problems) for spec in TOKENIZER_FILES]
         tok_path = parts[0].parent if all(parts) else None
