@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from . import pipeline
 from .diffusion.chunking import DEFAULT_FUSION, FUSIONS
+from .diffusion.schedule import discretized_timesteps, k_sigmas
 from .diffusion.star_sampling import SamplerSettings
 from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .seeds import RunNoise
@@ -175,11 +176,31 @@ def plan_outputs(inputs: list[tuple[Path, bool]], output: Path, codec: str) -> l
 
 @dataclass
 class Components:
-    """Loaded models of a run (the UNet is loaded later, only for the sampling stage)."""
+    """What every video of a run shares: model files, device, UNet dtype, sampler and decoder settings."""
 
     models: ResolvedModels
     device: torch.device
     unet_dtype: torch.dtype
+    sampler: SamplerSettings
+    decode: pipeline.DecodeOptions
+
+
+def run_settings(args: argparse.Namespace) -> tuple[SamplerSettings, pipeline.DecodeOptions]:
+    """Sampler and decoder settings from the options, validated before any model is loaded."""
+    from .vae.base import SpatialTiling
+
+    if args.steps < 1 or args.chunk_len < 1 or args.decode_window < 1:
+        raise InputError("--steps, --chunk-len and --decode-window must be >= 1")
+    if not 0.0 <= args.colour_strength <= 1.0:
+        raise InputError(f"--colour-strength must be in [0, 1], got {args.colour_strength}")
+    for tile in (args.encode_tile, args.decode_tile):
+        if tile is not None:
+            SpatialTiling(tile, args.tile_overlap)  # raises a ValueError naming the problem
+    sampler = SamplerSettings(mode=args.solver_mode, steps=args.steps, cfg=args.cfg, rescale=args.rescale,
+                              chunk_len=args.chunk_len, overlap=args.chunk_overlap, fusion=args.chunk_fusion)
+    decode = pipeline.DecodeOptions(window=args.decode_window, window_overlap=args.decode_window_overlap,
+                                    tile=args.decode_tile, tile_overlap=args.tile_overlap)
+    return sampler, decode
 
 
 def pick_device(name: str) -> torch.device:
@@ -231,37 +252,31 @@ def load_unet(models: ResolvedModels, device: torch.device, dtype: torch.dtype) 
 # -------------------------------------------------------------------------------------------------- progress
 
 class Progress:
-    """tqdm bars per pipeline stage (frames encoded, sampler steps, chunk evaluations, frames written)."""
+    """tqdm bars per pipeline stage: frames encoded, chunk evaluations and sampler steps, frames decoded."""
 
-    LABELS = {"encode": ("encode", "frame"), "sample": ("steps", "step"), "decode": ("decode", "frame")}
+    LABELS = {"encode": ("encode", "frame"), "sample": ("chunks", "chunk"), "decode": ("decode", "frame")}
 
     def __init__(self, name: str, enabled: bool) -> None:
         self.name, self.enabled = name, enabled
         self.bars: dict[str, tqdm] = {}
+        self.steps = 0  # solver steps of the sampling stage, set before it starts
 
-    def bar(self, key: str, total: int | None, desc: str, unit: str) -> tqdm:
+    def _bar(self, key: str, total: int, desc: str, unit: str) -> tqdm:
         if key not in self.bars:
             self.bars[key] = tqdm(total=total, desc=f"{self.name}: {desc}", unit=unit, disable=not self.enabled,
                                   leave=False, dynamic_ncols=True)
         return self.bars[key]
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        desc, unit = self.LABELS.get(stage, (stage, "it"))
-        bar = self.bar(stage, total, desc, unit)
+    def _set(self, key: str, done: int, total: int, desc: str, unit: str) -> None:
+        bar = self._bar(key, total, desc, unit)
         bar.total = total
         bar.update(done - bar.n)
 
-    def counting_model(self, model_fn: pipeline.ModelFn) -> pipeline.ModelFn:
-        """Wraps ``model_fn`` so every chunk evaluation advances the chunk bar (its total set after step 1)."""
-        def counted(x, t, context, hint):
-            out = model_fn(x, t, context, hint)
-            bar = self.bar("chunks", None, "chunks", "chunk")
-            bar.update(1)
-            steps = self.bars.get("sample")
-            if bar.total is None and steps is not None and steps.n >= 1:
-                bar.total = bar.n * steps.total  # every step makes the same number of chunk calls
-            return out
-        return counted
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        desc, unit = self.LABELS.get(stage, (stage, "it"))
+        self._set(stage, done, total, desc, unit)
+        if stage == "sample" and self.steps:  # every solver step makes the same number of chunk calls
+            self._set("steps", done * self.steps // total, self.steps, "steps", "step")
 
     def close(self) -> None:
         for bar in self.bars.values():
@@ -299,12 +314,11 @@ def upscale_file(src: Path, dst: Path, args: argparse.Namespace, parts: Componen
     latent = pipeline.encode_lr(vae, lr_windows, geometry, noise, tile=args.encode_tile,
                                 tile_overlap=args.tile_overlap, callback=progress)
 
-    settings = SamplerSettings(mode=args.solver_mode, steps=args.steps, cfg=args.cfg, rescale=args.rescale,
-                               chunk_len=args.chunk_len, overlap=args.chunk_overlap, fusion=args.chunk_fusion)
+    settings = parts.sampler
+    progress.steps = len(k_sigmas(discretized_timesteps(settings.mode, settings.steps, settings.t_max))) - 1
     unet = load_unet(parts.models, parts.device, parts.unet_dtype)
     try:
-        model_fn = progress.counting_model(pipeline.model_function(unet))
-        latent = pipeline.sample(model_fn, latent.to(parts.device), prompts[0], prompts[1], settings, noise,
+        latent = pipeline.sample(unet, latent.to(parts.device), prompts[0], prompts[1], settings, noise,
                                  callback=progress)
     finally:
         del unet
@@ -312,13 +326,11 @@ def upscale_file(src: Path, dst: Path, args: argparse.Namespace, parts: Componen
         if parts.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    options = pipeline.DecodeOptions(window=args.decode_window, window_overlap=args.decode_window_overlap,
-                                     tile=args.decode_tile, tile_overlap=args.tile_overlap)
     height, width = geometry.target_size
     audio = src if info.has_audio and not args.no_audio else None
     lr_frames = read_frames(src, 1)  # re-read for the colour fix instead of holding every LR frame
     with VideoWriter(dst, width, height, info.fps, codec=args.codec, crf=args.crf, audio_from=audio) as writer:
-        for restored in pipeline.decode(vae, latent, geometry, options, callback=progress):
+        for restored in pipeline.decode(vae, latent, geometry, parts.decode, callback=progress):
             lr = torch.from_numpy(_take(lr_frames, restored.shape[0])).to(torch.float32).div_(255)
             fixed = pipeline.colour_fix(restored, lr, args.colour_fix, args.colour_strength)
             writer.write(pipeline.to_uint8(fixed).cpu().numpy())
@@ -387,6 +399,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     for src, dst in pairs:
         if (src, dst) not in todo:
             print(f"skip {src}: {dst} exists (--skip-existing)", file=sys.stderr)
+    sampler, decode = run_settings(args)
     failures = 0
     checked = []
     for src, dst in todo:  # probe every input before loading any model, so bad inputs fail fast
@@ -405,7 +418,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     models = resolve_models(args.model, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                             comfy_models=args.comfy_models, cache_dir=args.cache_dir, offline=args.offline)
-    parts = Components(models, device, pick_dtype(args.dtype, device))
+    parts = Components(models, device, pick_dtype(args.dtype, device), sampler, decode)
     text_encoder = load_text_encoder(models, device)
     prompts = pipeline.encode_prompts(text_encoder, args.prompt, suffix=args.suffix,
                                       negative_prompt=args.negative_prompt)

@@ -65,8 +65,16 @@ def test_missing_input_and_output_conflicts(clips: Path, tmp_path: Path, capsys)
     assert "matches no file" in capsys.readouterr().err
     assert cli.main(["upscale", "-o", str(tmp_path / "o.mp4")]) == cli.EXIT_FAILED
     assert "--demo-tiny" in capsys.readouterr().err
+    assert cli.main(["upscale", str(clips / "good.mp4"), "-o", str(tmp_path / "o.mp4"),
+                     "--colour-strength", "1.5"]) == cli.EXIT_FAILED
+    assert "--colour-strength must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert cli.main(["upscale", str(clips / "good.mp4"), "-o", str(tmp_path / "o.mp4"), "--decode-tile", "100"]) \
+        == cli.EXIT_FAILED
+    assert "multiple of 8" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["upscale", str(clips / "good.mp4"), "-o", "x.mp4", "--target-size", "1080by1920"])
+    assert "HEIGHTxWIDTH" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_folder_and_glob_inputs_map_to_output_folder(clips: Path, tmp_path: Path) -> None:
