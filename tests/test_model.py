@@ -141,8 +141,10 @@ def test_bad_inputs_are_named(tiny_model, forward_data):
 def test_check_latent_size():
     check_latent_size(90, 160, 4)  # 720x1280 video, the official processing size
     check_latent_size(18, 24, 4)
-    with pytest.raises(ValueError, match="valid heights near 92"):
+    with pytest.raises(ValueError, match=r"valid heights near 92: \[90, 98\]; valid widths near 160: \[144, 152, 160"):
         check_latent_size(92, 160, 4)
+    with pytest.raises(ValueError, match=r"valid widths near 14: \[4, 8, 12, 16, 20, 24, 28\]"):
+        check_latent_size(10, 14, 3)
 
 
 def test_liem_units(fixtures_dir):

@@ -25,16 +25,22 @@ def check_latent_size(height: int, width: int, levels: int) -> None:
         width (`int`): latent width.
         levels (`int`): number of resolution levels (``len(config.dim_mult)``).
     """
-    def fits(h: int, w: int) -> bool:
+    def fits(size: int, down) -> bool:
         for _ in range(levels - 1):
-            if h % 2 or w % 2:
+            if size % 2:
                 return False
-            h, w = (h + 1) // 2 + 1, (w - 1) // 2 + 1
+            size = down(size)
         return True
 
-    if not fits(height, width):
-        ok_h = [h for h in range(max(1, height - 8), height + 9) if fits(h, 2)]
-        ok_w = [w for w in range(max(2, width - 8), width + 9) if fits(2 ** levels + 2, w)]
+    def fits_h(h: int) -> bool:
+        return fits(h, lambda s: (s + 1) // 2 + 1)
+
+    def fits_w(w: int) -> bool:
+        return fits(w, lambda s: (s - 1) // 2 + 1)
+
+    if not (fits_h(height) and fits_w(width)):
+        ok_h = [h for h in range(max(1, height - 8), height + 9) if fits_h(h)]
+        ok_w = [w for w in range(max(1, width - 16), width + 17) if fits_w(w)]
         raise ValueError(f"latent size {height}x{width} does not fit the {levels}-level STAR UNet: pad the latent to a "
                          f"valid size (valid heights near {height}: {ok_h}; valid widths near {width}: {ok_w})")
 
