@@ -71,6 +71,19 @@ def test_batch_rows_use_their_own_context(tiny_model, forward_data):
     assert _max_err(pair[0], pair[1]) > 100 * TOL
 
 
+def test_transformer_slices_match_whole(tiny_model, forward_data, monkeypatch):
+    d = forward_data
+    args = (d["x_t"].repeat(2, 1, 1, 1, 1), d["t"].repeat(2), torch.cat([d["y"], d["y_neg"]]),
+            d["hint"].repeat(2, 1, 1, 1, 1))
+    with torch.inference_mode():
+        whole = tiny_model(*args)
+        # One frame / one position per slice: slices cross the boundary between the two samples' frames.
+        monkeypatch.setattr(importlib.import_module("star_core.model.transformer"), "SLICE_ELEMENTS", 1)
+        sliced = tiny_model(*args)
+    assert _max_err(sliced, whole) <= 1e-5
+    assert _max_err(sliced[0], d["out"][0]) <= TOL
+
+
 @pytest.mark.parametrize("frames", [1, 2])
 def test_any_frame_count(tiny_model, forward_data, frames):
     d = forward_data

@@ -12,6 +12,15 @@ from .config import GROUPS
 from .liem import SpatialLIEM, TemporalLIEM
 
 
+# Largest intermediate one transformer slice may create, in elements (the GEGLU projection: tokens x 8 x width).
+SLICE_ELEMENTS = 1 << 26
+
+
+def _rows_per_slice(tokens_per_row: int, width: int) -> int:
+    """How many independent rows (frames or positions) of ``tokens_per_row`` tokens fit in `SLICE_ELEMENTS`."""
+    return max(1, SLICE_ELEMENTS // (tokens_per_row * width * 8))
+
+
 class Attention(nn.Module):
     """
     Multi-head (cross-)attention with the official parameter names (``to_q/to_k/to_v`` without bias, ``to_out.0``).
@@ -36,18 +45,16 @@ class Attention(nn.Module):
         # Index 1 of the official Sequential is a Dropout; keep the index so the key stays ``to_out.0``.
         self.to_out = nn.Sequential(operations.Linear(inner, query_dim, device=device, dtype=dtype), nn.Identity())
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a context ``[N, Lc, context_dim]`` → two ``[N, Lc, heads * head_dim]``."""
+        return self.to_k(context), self.to_v(context)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """
-        ``x`` ``[N, L, query_dim]``; ``context`` ``None`` (self-attention) or ``[N / r, Lc, context_dim]`` whose row i
-        serves the r consecutive rows ``x[i*r:(i+1)*r]`` (the frames of one sample) → ``[N, L, query_dim]``.
+        ``x`` ``[N, L, query_dim]``; ``kv`` from `project_context` with one row per row of ``x``, or ``None`` for
+        self-attention → ``[N, L, query_dim]``.
         """
-        if context is None:
-            k, v = self.to_k(x), self.to_v(x)
-        else:
-            # Project the text once per sample rather than once per frame, then share it across the frames.
-            reps = x.shape[0] // context.shape[0]
-            k = self.to_k(context).repeat_interleave(reps, dim=0)
-            v = self.to_v(context).repeat_interleave(reps, dim=0)
+        k, v = (self.to_k(x), self.to_v(x)) if kv is None else kv
         return self.to_out[0](attention(self.to_q(x), k, v, self.heads))
 
 
@@ -101,13 +108,13 @@ class SpatialTransformerBlock(_TransformerBlockBase):
         super().__init__(dim, heads, head_dim, context_dim, operations, device, dtype)
         self.local1 = SpatialLIEM(operations, device, dtype)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """``x`` ``[(b·f), h*w, C]``, ``context`` ``[b, 77, context_dim]``."""
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], h: int, w: int) -> torch.Tensor:
+        """``x`` ``[N, h*w, C]`` (N frames), ``kv`` the projected text of each frame (``attn2.project_context``)."""
         n, _, c = x.shape
         gated = self.local1(x.transpose(1, 2).reshape(n, c, h, w)).flatten(2).transpose(1, 2)
         x = self.attn1(self.norm1(gated)) + x
         del gated
-        x = self.attn2(self.norm2(x), context) + x
+        x = self.attn2(self.norm2(x), kv) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -144,7 +151,7 @@ class SpatialTransformer(nn.Module):
                  operations: ModuleType = nn, device=None, dtype=None) -> None:
         super().__init__()
         heads = channels // head_dim
-        inner = heads * head_dim
+        self.inner = inner = heads * head_dim
         self.norm = operations.GroupNorm(GROUPS, channels, eps=1e-6, device=device, dtype=dtype)
         self.proj_in = operations.Linear(channels, inner, device=device, dtype=dtype)
         self.transformer_blocks = nn.ModuleList(
@@ -152,12 +159,24 @@ class SpatialTransformer(nn.Module):
         self.proj_out = operations.Linear(inner, channels, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[(b·f), C, h, w]``, ``context`` ``[b, 77, context_dim]`` → same shape as ``x``."""
+        """
+        ``x`` ``[(b·f), C, h, w]``, ``context`` ``[b, 77, context_dim]`` → same shape as ``x``. Frames are
+        independent here (GroupNorm is per frame), so they are processed in slices of bounded memory.
+        """
         n, c, h, w = x.shape
-        t = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
-        t = self.transformer_blocks[0](t, context, h, w)
-        t = self.proj_out(t)
-        return t.transpose(1, 2).reshape(n, c, h, w) + x
+        block = self.transformer_blocks[0]
+        # Project the text once per sample, not once per frame; each frame then indexes its sample's row.
+        k, v = block.attn2.project_context(context)
+        sample_of_frame = torch.arange(n, device=x.device) // (n // context.shape[0])
+        out = torch.empty_like(x)
+        step = _rows_per_slice(h * w, self.inner)
+        for i in range(0, n, step):
+            xs = x[i:i + step]
+            rows = sample_of_frame[i:i + step]
+            t = self.proj_in(self.norm(xs).flatten(2).transpose(1, 2))
+            t = self.proj_out(block(t, (k[rows], v[rows]), h, w))
+            out[i:i + step] = t.transpose(1, 2).reshape(-1, c, h, w) + xs
+        return out
 
 
 class TemporalTransformer(nn.Module):
@@ -175,7 +194,7 @@ class TemporalTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, head_dim: int,
                  operations: ModuleType = nn, device=None, dtype=None) -> None:
         super().__init__()
-        inner = heads * head_dim
+        self.inner = inner = heads * head_dim
         self.norm = operations.GroupNorm(GROUPS, channels, eps=1e-6, device=device, dtype=dtype)
         self.proj_in = operations.Conv1d(channels, inner, 1, device=device, dtype=dtype)
         self.transformer_blocks = nn.ModuleList(
@@ -183,10 +202,16 @@ class TemporalTransformer(nn.Module):
         self.proj_out = operations.Conv1d(inner, channels, 1, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[b, C, F, h, w]`` → same shape."""
+        """
+        ``x`` ``[b, C, F, h, w]`` → same shape. Positions are independent after the GroupNorm, so the b·h·w
+        sequences go through the block in slices of bounded memory.
+        """
         b, c, f, h, w = x.shape
-        t = self.norm(x).permute(0, 3, 4, 1, 2).reshape(b * h * w, c, f)
-        t = self.proj_in(t).transpose(1, 2)
-        t = self.transformer_blocks[0](t)
-        t = self.proj_out(t.transpose(1, 2))
-        return t.reshape(b, h, w, c, f).permute(0, 3, 4, 1, 2) + x
+        tokens = self.norm(x).permute(0, 3, 4, 1, 2).reshape(b * h * w, c, f)
+        out = torch.empty_like(tokens)
+        step = _rows_per_slice(f, self.inner)
+        for i in range(0, tokens.shape[0], step):
+            t = self.transformer_blocks[0](self.proj_in(tokens[i:i + step]).transpose(1, 2))
+            out[i:i + step] = self.proj_out(t.transpose(1, 2))
+        del tokens
+        return out.reshape(b, h, w, c, f).permute(0, 3, 4, 1, 2) + x
