@@ -77,3 +77,42 @@ def test_category_and_official_defaults():
     assert _inputs(RECORDED["STARLREncode"])["vae"][0] == "VAE,STAR_VAE"
     assert _inputs(RECORDED["STARTextEncode"])["suffix"][1]["default"] == "official"
     assert _inputs(RECORDED["STARColourFix"])["method"][1]["default"] == "adain"
+
+
+WORKFLOWS_API = sorted((Path(__file__).parent / "workflows_api").glob("*.json"))
+WORKFLOWS_UI = sorted((Path(__file__).parents[1] / "workflows").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS_API, ids=lambda p: p.stem)
+def test_api_twins_give_every_star_node_valid_inputs(path):
+    graph = json.loads(path.read_text())
+    star = {nid: node for nid, node in graph.items() if node["class_type"] in RECORDED}
+    assert {n["class_type"] for n in star.values()} >= {"STARModelLoader", "STARTextEncode", "STARLREncode",
+                                                         "STARSampler", "STARTiledVAEDecode", "STARColourFix"}
+    for nid, node in star.items():
+        spec = _inputs(RECORDED[node["class_type"]])
+        required = set(RECORDED[node["class_type"]]["input"]["required"])
+        assert required <= set(node["inputs"]) <= set(spec), (nid, node["class_type"])
+        for name, value in node["inputs"].items():
+            io_type, options = spec[name]
+            if isinstance(value, list):  # a link: the source node exists
+                assert value[0] in graph, (nid, name)
+            elif io_type == "COMBO" and (node["class_type"], name) not in FILE_COMBOS:
+                assert value in options["options"], (nid, name, value)
+            elif io_type in ("INT", "FLOAT"):
+                assert options["min"] <= value <= options["max"], (nid, name, value)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS_UI, ids=lambda p: p.stem)
+def test_ui_workflows_have_one_widget_value_per_star_widget(path):
+    ui = json.loads(path.read_text())
+    star_nodes = [n for n in ui["nodes"] if n["type"] in RECORDED]
+    assert len(star_nodes) >= 6
+    for node in star_nodes:
+        spec = RECORDED[node["type"]]
+        widgets = [name for group in ("required", "optional") for name in spec["input_order"].get(group, [])
+                   if _inputs(spec)[name][0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
+        extra = sum(bool(_inputs(spec)[name][1].get("control_after_generate")) for name in widgets)
+        assert len(node["widgets_values"]) == len(widgets) + extra, node["type"]
+    link_ids = {link[0] for link in ui["links"]}
+    assert all(i["link"] in link_ids for n in ui["nodes"] for i in n["inputs"] if i["link"] is not None)
