@@ -185,6 +185,22 @@ def test_config_inference_tiny(fixtures_dir):
     assert config == stated
 
 
+@pytest.mark.parametrize("config", [
+    STARConfig(dim=64, dim_mult=(1, 2), num_heads=2, head_dim=32, num_res_blocks=2, attn_scales=(0.5,)),
+    STARConfig(dim=32, dim_mult=(1, 1, 2, 4), num_heads=2, head_dim=16, num_res_blocks=1, attn_scales=(1.0, 0.25)),
+    STARConfig(in_dim=8, out_dim=4, context_dim=256, dim=128, dim_mult=(1, 2, 4), num_heads=4, head_dim=64,
+               num_res_blocks=3, attn_scales=(1.0, 0.5, 0.25)),
+])
+def test_config_inference_other_configs(config):
+    torch.manual_seed(0)
+    model = STARUNet(config).eval()
+    assert config_from_state_dict(model.state_dict()) == config
+    x = torch.randn(2, config.in_dim, 3, 10, 8)
+    with torch.inference_mode():
+        out = model(x, torch.tensor([10, 500]), torch.randn(2, 7, config.context_dim), x)
+    assert out.shape == (2, config.out_dim, 3, 10, 8) and torch.isfinite(out).all()
+
+
 def test_config_inference_full_and_manifest(fixtures_dir):
     with torch.device("meta"):
         model = STARUNet()
