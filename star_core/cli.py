@@ -125,7 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-audio", action="store_true", help="do not copy the input's audio")
     run.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    fetch = commands.add_parser("download", help="fetch (or locate) the model files without processing anything",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fetch.add_argument("--model", default="light", help="'light', 'heavy' or a checkpoint path")
+    fetch.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
+    fetch.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
+    fetch.add_argument("--offline", action="store_true", help="only check what is present")
     return parser
+
+
+def run_download(args: argparse.Namespace) -> int:
+    """Runs the ``download`` command: resolve every model file (downloading what is missing) and list them."""
+    models = resolve_models(args.model, comfy_models=args.comfy_models, cache_dir=args.cache_dir,
+                            offline=args.offline)
+    for name, path in vars(models).items():
+        print(f"{name}: {path}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------- inputs/outputs
@@ -446,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m star_core`` and ``star-vsr``; returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "download":
+            return run_download(args)
         if args.demo_tiny:
             with _demo_setup(args):
                 return run_upscale(args)

@@ -29,6 +29,7 @@ class ModelFile:
         size: expected size in bytes, or None when it is not known here (then the hub's figure is used).
         sha256: expected SHA-256 hex digest, or None when not known here (then the hub's LFS hash is used).
         approx: a human size hint for messages when ``size`` is None.
+        note: extra advice for messages (e.g. the repository is gated).
     """
 
     label: str
@@ -37,6 +38,7 @@ class ModelFile:
     size: int | None = None
     sha256: str | None = None
     approx: str = ""
+    note: str = ""
 
     @property
     def url(self) -> str:
@@ -67,10 +69,11 @@ TOKENIZER_FILES = (
     ModelFile("CLIP tokenizer merges", _CLIP_REPO, "merges.txt", approx="about 0.5 MB"),
 )
 _SVD_REPO = "stabilityai/stable-video-diffusion-img2vid"
+_GATED = "gated repository: accept its licence on the model page and log in (`hf auth login` or HF_TOKEN)"
 VAE_FILES = (
-    ModelFile("SVD temporal VAE config", _SVD_REPO, "vae/config.json", approx="about 1 kB"),
+    ModelFile("SVD temporal VAE config", _SVD_REPO, "vae/config.json", approx="about 1 kB", note=_GATED),
     ModelFile("SVD temporal VAE weights (fp16)", _SVD_REPO, "vae/diffusion_pytorch_model.fp16.safetensors",
-              approx="about 196 MB"),
+              approx="about 196 MB", note=_GATED),
 )
 
 # Where each component may sit in a ComfyUI models folder (patterns are matched case-insensitively).
@@ -241,7 +244,7 @@ def _cached_or_downloaded(spec: ModelFile, cache_dir: Path, offline: bool, endpo
 def _short_reason(exc: Exception) -> str:
     name = type(exc).__name__
     if name == "GatedRepoError":
-        return "gated repository: accept its licence on the model page and log in (`hf auth login` or HF_TOKEN)"
+        return _GATED
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{name}: {first_line[:160]}" if first_line else name
 
@@ -255,6 +258,8 @@ def _missing_message(problems: list[tuple[ModelFile, str]], cache_dir: Path, com
         lines.append(f"      expected size: {spec.size_text()}")
         lines.append(f"      put it at: {where}")
         lines.append(f"      why missing: {reason}")
+        if spec.note and spec.note != reason:
+            lines.append(f"      note: {spec.note}")
     if comfy is not None:
         lines.append(f"A ComfyUI models folder was searched too ({comfy}): STAR checkpoints go in STAR/ "
                      "(name containing 'light' or 'heavy'), the SVD VAE in vae/ (a diffusers folder or "

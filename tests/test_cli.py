@@ -104,3 +104,11 @@ def test_offline_without_models_lists_every_file_and_exits_3(clips: Path, tmp_pa
     assert done.stderr.count("expected size:") == done.stderr.count("put it at:") >= 4
     assert str(tmp_path / "cache" / "SherryX" / "STAR" / "I2VGen-XL-based" / "light_deg.pt") in done.stderr
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_download_command_reports_missing_files_offline(tmp_path: Path, capsys) -> None:
+    assert cli.main(["download", "--model", "heavy", "--offline", "--cache-dir", str(tmp_path)]) == \
+        cli.EXIT_MODELS_MISSING
+    err = capsys.readouterr().err
+    assert "heavy_deg.pt" in err and err.count("note: gated repository") == 2
+    assert list(tmp_path.iterdir()) == []
