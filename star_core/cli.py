@@ -395,6 +395,8 @@ def _demo_setup(args: argparse.Namespace) -> Iterator[None]:
         args.comfy_models, args.offline = models, True
         args.model = str(models / FILES["star"])
         args.tokenizer = args.tokenizer or fetch_openclip_vocab()
+        # tiny networks gain little from more threads, and spinning OpenMP threads crawl on a busy machine
+        args.threads = args.threads or 1
         if not args.inputs:
             clip = write_synthetic_clip(Path(tmp) / "demo_input.mp4", frames=DEMO_FRAMES, width=48, height=32, fps=24)
             args.inputs = [str(clip)]
