@@ -24,7 +24,6 @@ CODECS: dict[str, tuple[str, dict[str, str], str, str]] = {
     "ffv1": ("ffv1", {}, "bgr0", "bgr0"),
 }
 DEFAULT_CRF = {"h264": 16, "h265": 20}
-LOSSLESS_CODECS = ("h264-lossless", "ffv1")
 NAMED_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 # MP4 muxing accepts more codecs on paper than players (and its own trailer writer) handle; copy only these.
 MP4_AUDIO_COPY = {"aac", "mp3", "ac3", "eac3", "opus", "flac", "alac"}
