@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "generated 8-frame clip at x2 with minimal padding and 4-frame chunks")
 
     size = up.add_mutually_exclusive_group()
-    size.add_argument("--scale", type=int, choices=(2, 3, 4), default=None, help="upscale factor (default 4, official)")
+    size.add_argument("--scale", type=int, choices=(2, 3, 4), default=4, help="upscale factor (official 4)")
     size.add_argument("--target-size", type=_target_size, metavar="HxW", help="explicit output size instead of --scale")
 
     models = up.add_argument_group("models")
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                      help="UNet weight dtype; auto = fp16 on GPU (official), fp32 on CPU. VAE and text stay fp32")
     run.add_argument("--threads", type=int, default=None,
-                     help="CPU threads for torch (default: torch's choice; 1 helps on an overloaded machine)")
+                     help="CPU threads for torch (None: torch's choice; 1 helps on an overloaded machine)")
     run.add_argument("--codec", choices=tuple(CODECS), default="h264",
                      help="h264 (CRF 16), h264-lossless (exact RGB), h265, ffv1 (lossless, .mkv)")
     run.add_argument("--crf", type=int, default=None, help="quality of h264/h265 (lower = better)")
@@ -318,7 +318,7 @@ def upscale_file(src: Path, dst: Path, args: argparse.Namespace, parts: Componen
                  prompts: tuple[torch.Tensor, torch.Tensor], vae, progress: Progress) -> VideoInfo:
     """Upscale one video file to ``dst`` in two streaming passes (see the module docstring)."""
     info = probe_video(src)
-    scale = None if args.target_size else (args.scale or 4)
+    scale = None if args.target_size else args.scale
     geometry = pipeline.plan_lr(info.frame_count, info.height, info.width, scale=scale, target=args.target_size,
                                 padding=args.padding, fps=float(info.fps))
     noise = RunNoise(args.seed)
@@ -402,7 +402,7 @@ def _demo_setup(args: argparse.Namespace) -> Iterator[None]:
             args.inputs = [str(clip)]
             # the generated clip runs x2 with minimal padding and 4-frame chunks (options left at their defaults)
             args.padding = "minimal" if args.padding == "official" else args.padding
-            args.scale = args.scale or 2
+            args.scale = 2 if args.scale == 4 else args.scale
             args.chunk_len = 4 if args.chunk_len == 32 else args.chunk_len
         yield
 
