@@ -367,10 +367,11 @@ def write_demo_text_encoder(path: Path, seed: int = 3) -> Path:
 
     config = CLIPTextConfig(**{**CLIP_H, "num_hidden_layers": 2, "intermediate_size": 1024})
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in CLIPTextModel(config).state_dict().items()
-                  if not k.endswith("position_ids")}
+        model = CLIPTextModel(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+    norms = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(random_weights(shapes, seed, torch.float16, norm_names=("layer_norm",)), str(path))
+    save_file(random_weights(shapes, seed, torch.float16, norm_keys=norms), str(path))
     return path
 
 
