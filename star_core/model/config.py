@@ -120,13 +120,9 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> STARConfig:
         dim_mult.append(width // dim)
     attn_scales = tuple(0.5**lvl for lvl, blocks in enumerate(levels) if f"input_blocks.{blocks[0]}.1.norm.weight" in sd)
 
-    # Spatial transformers: heads = width // head_dim; read head_dim and context width from one of them.
-    st = "middle_block.1.transformer_blocks.0.attn2"
-    context_dim = _shape(sd, f"{st}.to_k.weight")[1]
-    mid_width = _shape(sd, f"{st}.to_q.weight")[0]
-    head_dim = _infer_head_dim(first_inner, dim * min(dim_mult), mid_width)
-    if first_inner % head_dim:
-        raise ValueError(f"not a STAR I2VGen-XL checkpoint: first temporal width {first_inner} vs head_dim {head_dim}")
+    # The middle block always has a spatial transformer; its cross-attention keys give the context width.
+    context_dim = _shape(sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
+    head_dim = _infer_head_dim(first_inner, *(dim * m for m in dim_mult))
     return STARConfig(in_dim=in_dim, dim=dim, context_dim=context_dim, out_dim=out_dim, dim_mult=tuple(dim_mult),
                       num_heads=first_inner // head_dim, head_dim=head_dim, num_res_blocks=num_res_blocks,
                       attn_scales=attn_scales)
