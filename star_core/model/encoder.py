@@ -14,7 +14,7 @@ from .transformer import SpatialTransformer, TemporalTransformer
 
 
 class Conditioning(NamedTuple):
-    """What the conditioned layers read besides the activations, already repeated per frame."""
+    """What the conditioned layers read besides the activations."""
 
     emb: torch.Tensor  # timestep embedding [(b·f), 4·dim]
     context: torch.Tensor  # text context [b, 77, context_dim] (the cross-attention shares each row across frames)
