@@ -79,7 +79,10 @@ def main() -> int:
     parser.add_argument("--weights", choices=sorted(DTYPES), default="fp32", help="weight dtype (default fp32)")
     parser.add_argument("--compute", choices=sorted(DTYPES), help="compute dtype (default: the weight dtype)")
     parser.add_argument("--json", action="store_true", help="print one JSON line (with --frames)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.frames is not None:
         result = measure(args.frames, args.weights, args.compute or args.weights)
         print(json.dumps(result) if args.json else result)
@@ -93,7 +96,8 @@ def main() -> int:
         if compute == "bf16" and "AVX512" not in capability:
             print(f"| {weights} | {compute} | {frames} | skipped: no native bf16 on this CPU ({capability}) |||||")
             continue
-        cmd = [sys.executable, __file__, "--frames", str(frames), "--weights", weights, "--compute", compute, "--json"]
+        cmd = [sys.executable, __file__, "--frames", str(frames), "--weights", weights, "--compute", compute, "--json",
+               "--threads", str(torch.get_num_threads())]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             print(f"| {weights} | {compute} | {frames} | failed: {proc.stderr.strip().splitlines()[-1:]} |||||")
