@@ -97,3 +97,17 @@ def test_download_command_reports_missing_files_offline(tmp_path: Path, capsys) 
     err = capsys.readouterr().err
     assert "heavy_deg.pt" in err and err.count("note: gated repository") == 2
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_bars_follow_pipeline_callbacks() -> None:
+    progress = cli.Progress("clip.mp4", enabled=False)
+    progress("encode", 4, 12)
+    progress.steps = 14
+    progress("sample", 30, 84)  # 84 chunk calls = 14 steps x 3 chunks x 2 (CFG)
+    progress("decode", 3, 12)
+    bars = progress.bars
+    assert (bars["encode"].n, bars["encode"].total) == (4, 12)
+    assert (bars["sample"].n, bars["sample"].total) == (30, 84)
+    assert (bars["steps"].n, bars["steps"].total) == (5, 14)
+    assert (bars["decode"].n, bars["decode"].total) == (3, 12)
+    progress.close()
