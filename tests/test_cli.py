@@ -100,7 +100,7 @@ def test_download_command_reports_missing_files_offline(tmp_path: Path, capsys) 
 
 
 def test_progress_bars_follow_pipeline_callbacks() -> None:
-    progress = cli.Progress("clip.mp4", enabled=False)
+    progress = cli.Progress("clip.mp4", enabled=True)  # bars draw on the captured stderr
     progress("encode", 4, 12)
     progress.steps = 14
     progress("sample", 30, 84)  # 84 chunk calls = 14 steps x 3 chunks x 2 (CFG)
