@@ -151,6 +151,17 @@ def test_bad_inputs_are_named(tiny_model, forward_data):
         tiny_model(torch.zeros(1, 4, 2, 11, 12), d["t"], d["y"], None)
 
 
+def test_run_conv_small_maps_match_and_restore_onednn():
+    from star_core.model.resblock import run_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(2, 64, 3, 5)  # 15 pixels < 64 output channels: the plain (non-oneDNN) path
+    with torch.inference_mode():
+        assert _max_err(run_conv(conv, x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)) <= 1e-5
+    assert torch.backends.mkldnn.enabled
+
+
 def test_check_latent_size():
     check_latent_size(90, 160, 4)  # 720x1280 video, the official processing size
     check_latent_size(18, 24, 4)

@@ -10,6 +10,22 @@ from torch import nn
 from .config import GROUPS
 
 
+def run_conv(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """
+    Calls a 2-D conv layer. On CPU, feature maps with fewer pixels than output channels bypass oneDNN: it would
+    reorder a full copy of the weight on every call (118 MB for the widest decoder conv), more memory than the
+    activations, while the plain path's per-image unfold buffer stays small and is as fast there.
+    """
+    if x.device.type != "cpu" or x.shape[-2] * x.shape[-1] >= layer.out_channels:
+        return layer(x)
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        return layer(x)
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
 def _temporal_stage(channels: int, first: bool, operations: ModuleType, device, dtype) -> nn.Sequential:
     # Official layout: conv1 = [GN, SiLU, Conv3d]; conv2..4 = [GN, SiLU, Dropout, Conv3d] (key index 2 vs 3).
     layers = [operations.GroupNorm(GROUPS, channels, device=device, dtype=dtype), nn.SiLU()]
@@ -63,9 +79,11 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, batch: int) -> torch.Tensor:
         """``x`` ``[(b·f), C, H, W]``, ``emb`` ``[(b·f), emb_channels]``, ``batch`` = b → ``[(b·f), out, H, W]``."""
-        h = self.in_layers(x)
+        h = run_conv(self.in_layers[2], self.in_layers[1](self.in_layers[0](x)))
         h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
-        h = self.skip_connection(x) + self.out_layers(h)
+        h = self.out_layers[1](self.out_layers[0](h))
+        skip = x if isinstance(self.skip_connection, nn.Identity) else run_conv(self.skip_connection, x)
+        h = skip + run_conv(self.out_layers[3], h)
         n, c, hh, ww = h.shape
         f = n // batch
         h = h.view(batch, f, c, hh, ww).transpose(1, 2)
@@ -81,7 +99,7 @@ class Downsample(nn.Module):
         self.op = operations.Conv2d(channels, channels, 3, stride=2, padding=(2, 1), device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x)
+        return run_conv(self.op, x)
 
 
 class Upsample(nn.Module):
@@ -93,4 +111,4 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="nearest")[..., 1:-1, :]
-        return self.conv(x)
+        return run_conv(self.conv, x)
