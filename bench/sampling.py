@@ -28,7 +28,7 @@ def build_model(kind: str) -> STARUNet:
     if kind == "full":
         from forward import random_model  # bench/forward.py: fills the 2 B weights in place
 
-        return random_model(torch.float32)
+        return random_model(torch.float32, torch.float32)
     model = STARUNet(STARConfig(**TINY_STAR))
     model.load_state_dict(star_weights(seed=0))
     return model.eval().requires_grad_(False)
@@ -105,7 +105,9 @@ def fusion_study(frames: int, chunk_len: int, steps: int) -> list[dict]:
 
 
 def _subprocess(args: list[str]) -> dict:
-    done = subprocess.run([sys.executable, __file__, *args, "--json"], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, __file__, *args, "--json"], capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"measurement {args} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
