@@ -1,4 +1,4 @@
-"""Verify group ``vae``: the SVD VAE fixtures (``vae_*_config.json`` + ``vae_*.safetensors`` + ``vae_*_io.safetensors``).
+"""Verify group ``vae``: SVD VAE fixtures (``vae_*_config.json`` + ``vae_*.safetensors`` + ``vae_*_io.safetensors``).
 
 Encode with the stored posterior noise → posterior mean/std/sample and the scaled latent; decode the stored latent
 with the fixture's temporal chunking → decoded frames. Every setting comes from ``vae_*_info.json``.
