@@ -40,10 +40,12 @@ class SVDVideoVAE:
 
     @property
     def device(self) -> torch.device:
+        """Where the network runs (tiles are moved there one at a time)."""
         return next(self.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype; inputs are cast to it."""
         return next(self.model.parameters()).dtype
 
     def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
