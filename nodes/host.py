@@ -81,10 +81,6 @@ class Progress:
             bar = self.bars[stage] = comfy.utils.ProgressBar(total)
         bar.update_absolute(done, total)
 
-    def tiles(self, stage: str) -> Callable[[int, int], None]:
-        """The VAE's per-tile `callback(done, total)` form."""
-        return lambda done, total: self(stage, done, total)
-
 
 _converted: "weakref.WeakKeyDictionary[object, SVDVideoVAE]" = weakref.WeakKeyDictionary()
 
