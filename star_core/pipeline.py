@@ -239,7 +239,8 @@ def encode_lr(
         if done + count > geometry.frames:
             raise ValueError(f"encode_lr: more frames than the geometry's {geometry.frames}")
         device, dtype = _vae_place(vae)
-        eps = noise.posterior_eps_window(done, count, (4, latent_h, latent_w), device) if sample else None
+        channels = getattr(vae, "latent_channels", 4)
+        eps = noise.posterior_eps_window(done, count, (channels, latent_h, latent_w), device) if sample else None
         part = vae.encode(window.to(device, dtype), eps, sample=sample, tiling=_tiling(tile, tile_overlap),
                           callback=_tile_progress(callback, "encode", done, count, geometry.frames))
         parts.append(part.to(torch.float32))
