@@ -99,13 +99,18 @@ def _torch_load(path: Path) -> object:
         raise ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from err
 
 
-def _describe(keys: list[str]) -> str:
+def _describe(keys: list[str], expected: Mapping[str, tuple[int, ...]]) -> str:
     """A short description of what a foreign key set looks like."""
+    heads = Counter(k.split(".", 1)[0] for k in keys)
+    if len(heads) == 1:
+        prefix = next(iter(heads)) + "."
+        if set(expected) <= {k.removeprefix(prefix) for k in keys}:
+            return (f"every key carries the extra prefix {prefix!r} (a STAR checkpoint saved from a wrapper); "
+                    f"remove that prefix from the keys")
     for prefixes, what in _KNOWN_LAYOUTS:
         if sum(k.startswith(prefixes) for k in keys) > len(keys) // 2:
             return f"it looks like {what} (keys start with {' / '.join(prefixes)})"
-    heads = Counter(k.split(".", 1)[0] for k in keys).most_common(4)
-    return "its top-level key groups are " + ", ".join(f"{name!r} ({n})" for name, n in heads)
+    return "its top-level key groups are " + ", ".join(f"{name!r} ({n})" for name, n in heads.most_common(4))
 
 
 def check_star_keys(sd: Mapping[str, torch.Tensor], config: STARConfig) -> dict[str, torch.Tensor]:
@@ -143,7 +148,7 @@ def _checked(sd: Mapping[str, torch.Tensor], model: STARUNet) -> dict[str, torch
     unexpected = [k for k in sd if k not in expected]
     if missing:
         raise ValueError(f"not a STAR I2VGen-XL checkpoint: {len(missing)} of {len(expected)} expected keys missing, "
-                         f"e.g. {missing[:3]}; the file has {len(sd)} keys and {_describe(list(sd))}"
+                         f"e.g. {missing[:3]}; the file has {len(sd)} keys and {_describe(list(sd), expected)}"
                          + (f"; unexpected keys e.g. {unexpected[:3]}" if unexpected else ""))
     if unexpected:
         raise ValueError(f"not a STAR I2VGen-XL checkpoint: {len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")

@@ -89,6 +89,10 @@ def test_missing_and_unexpected_keys(tiny_sd):
     with pytest.raises(ValueError, match=r"not a STAR I2VGen-XL checkpoint: 12 of 1086 expected keys missing, "
                                          r"e\.g\. \['input_blocks\.0\.1\.transformer_blocks\.0\.local2"):
         check_star_keys(sd, config)
+    prefixed = {f"module.{k}": v for k, v in tiny_sd.items()}
+    with pytest.raises(ValueError, match=r"1086 of 1086 expected keys missing.*every key carries the extra prefix "
+                                         r"'module\.' \(a STAR checkpoint saved from a wrapper\)"):
+        check_star_keys(prefixed, config)
     with pytest.raises(ValueError, match=r"1 unexpected keys, e\.g\. \['module\.extra'\]"):
         check_star_keys({**tiny_sd, "module.extra": torch.zeros(1)}, config)
     bad = {**tiny_sd, "out.2.bias": torch.zeros(5)}
