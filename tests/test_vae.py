@@ -76,7 +76,7 @@ def test_mean_encode_and_generator_noise(fixture_vae: SVDVideoVAE, fixture_io: d
 def test_low_precision_decode(fixtures_dir: Path, fixture_vae: SVDVideoVAE, fixture_io: dict) -> None:
     """bf16 (autocast over fp32 weights, like the official fp16 GPU decode, or bf16 weights) returns float32 frames
     within bf16 rounding of the fp32 decode (8 mantissa bits over ~20 layers: |Δ| well under 0.1 on [-1.3, 1.8])."""
-    latent = fixture_io["latent"][:, :, :3]
+    latent = fixture_io["latent"][:, :, :2, :4, :6]  # small: bf16 convolutions are slow on CPUs without bf16 units
     reference = fixture_vae.decode(latent)
     for options in ({"decode_autocast": torch.bfloat16}, {"dtype": torch.bfloat16}):
         vae = load_svd_vae(fixtures_dir / "vae_tiny.safetensors", config=fixtures_dir / "vae_tiny_config.json",
