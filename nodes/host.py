@@ -10,6 +10,7 @@ from collections.abc import Callable
 import torch
 
 import comfy.model_management as mm
+import folder_paths
 import comfy.ops
 import comfy.utils
 from comfy.model_patcher import ModelPatcher
@@ -66,6 +67,19 @@ def model_function(patcher: ModelPatcher) -> Callable:
         return v.to(x.device, x.dtype)
 
     return model_fn
+
+
+def check_model_file(folder: str, name: str, input_name: str) -> bool | str:
+    """
+    Validation of a model-file combo: True when `name` exists in the ComfyUI model folder, else a message listing
+    what is there (ComfyUI 0.3.x does not check V3 combo values itself).
+    """
+    if folder_paths.get_full_path(folder, name) is not None:
+        return True
+    available = folder_paths.get_filename_list(folder)
+    where = ", ".join(folder_paths.get_folder_paths(folder))
+    listing = ", ".join(f"'{f}'" for f in available) if available else "none"
+    return f"{input_name}: '{name}' not found in {where}. Available: {listing}."
 
 
 class Progress:

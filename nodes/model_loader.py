@@ -35,6 +35,10 @@ class STARModelLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, ckpt_name: str) -> bool | str:
+        return host.check_model_file("STAR", ckpt_name, "ckpt_name")
+
+    @classmethod
     def execute(cls, ckpt_name: str, weight_dtype: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("STAR", ckpt_name)
         state_dict = load_state_dict_file(path)

@@ -30,6 +30,10 @@ class STARVAELoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, vae_name: str) -> bool | str:
+        return host.check_model_file("vae", vae_name, "vae_name")
+
+    @classmethod
     def execute(cls, vae_name: str) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("vae", vae_name)
         folder = os.path.dirname(path)

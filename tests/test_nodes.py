@@ -233,6 +233,15 @@ def test_lr_encode_errors(nodes, loaded, lr_frames, inputs, message):
         encode(nodes, loaded.vae, **merged)
 
 
+def test_missing_model_file_validation_lists_what_is_available(nodes, models):
+    assert nodes["STARModelLoader"].validate_inputs(ckpt_name="star_tiny.safetensors") is True
+    message = nodes["STARModelLoader"].validate_inputs(ckpt_name="light_deg.pt")
+    assert message == (f"ckpt_name: 'light_deg.pt' not found in {models / 'STAR'}. "
+                       "Available: 'star_tiny.safetensors'.")
+    message = nodes["STARVAELoader"].validate_inputs(vae_name="svd.safetensors")
+    assert message.endswith("Available: 'svd_vae_tiny.safetensors'.")
+
+
 def test_node_errors_name_the_input_and_fix(nodes, loaded, lr_frames, lr_latent):
     with pytest.raises(ValueError, match="no STAR geometry; make it with STAR LR Encode"):
         sample(nodes, loaded, {"samples": torch.zeros(1, 4, 3, 10, 8)})
