@@ -49,6 +49,31 @@ def random_model(dtype: torch.dtype, compute_dtype: torch.dtype) -> STARUNet:
     return model.eval().requires_grad_(False)
 
 
+def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
+    """This machine's fp32 GEMM rate right now (a reference for the model's rate, e.g. under load)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def forward_gflop(frames: int) -> float:
+    """Floating-point work of one forward at this frame count, counted on ``meta`` (no memory, no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = STARUNet()
+        x = torch.zeros(1, 4, frames, *LATENT_HW)
+        context = torch.zeros(1, 77, 1024)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x, torch.tensor([899], device="meta"), context, x)
+    return counter.get_total_flops() / 1e9
+
+
 def measure(frames: int, weights: str, compute: str, repeats: int = 3) -> dict[str, float]:
     """One configuration in this process: a warm-up call, then the median of ``repeats`` timed calls."""
     dtype = DTYPES[compute]
@@ -70,7 +95,8 @@ def measure(frames: int, weights: str, compute: str, repeats: int = 3) -> dict[s
                 times.append(time.perf_counter() - start)
             del out
     return {"frames": frames, "weights": weights, "compute": compute, "seconds": statistics.median(times),
-            "peak_rss_mb": _peak_rss_mb(), "weights_mb": weights_mb, "rss_after_init_mb": rss_loaded}
+            "peak_rss_mb": _peak_rss_mb(), "weights_mb": weights_mb, "rss_after_init_mb": rss_loaded,
+            "matmul_gflops": matmul_gflops()}
 
 
 def main() -> int:
@@ -90,22 +116,27 @@ def main() -> int:
     capability = torch.backends.cpu.get_cpu_capability()
     print(f"STAR full-size forward, latent [1,4,F,{LATENT_HW[0]},{LATENT_HW[1]}], t=899, hint, "
           f"{torch.get_num_threads()} threads, CPU capability {capability}")
-    print("| weights | compute | F | seconds | vs official | peak RSS GiB | RSS above weights GiB | weights GiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    gflop = {frames: forward_gflop(frames) for frames in OFFICIAL}
+    print("one forward: " + ", ".join(f"F={f}: {g:.0f} GFLOP" for f, g in gflop.items()))
+    print("| weights | compute | F | seconds | vs official | GFLOP/s (plain matmul) | peak RSS GiB "
+          "| RSS above weights GiB | weights GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for weights, compute, frames in CONFIGS:
         if compute == "bf16" and "AVX512" not in capability:
-            print(f"| {weights} | {compute} | {frames} | skipped: no native bf16 on this CPU ({capability}) |||||")
+            print(f"| {weights} | {compute} | {frames} | skipped: no native bf16 on this CPU ({capability}) ||||||")
             continue
         cmd = [sys.executable, __file__, "--frames", str(frames), "--weights", weights, "--compute", compute, "--json",
                "--threads", str(torch.get_num_threads())]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
-            print(f"| {weights} | {compute} | {frames} | failed: {proc.stderr.strip().splitlines()[-1:]} |||||")
+            print(f"| {weights} | {compute} | {frames} | failed: {proc.stderr.strip().splitlines()[-1:]} ||||||")
             continue
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         ratio = r["seconds"] / OFFICIAL[frames][0]
-        print(f"| {weights} | {compute} | {frames} | {r['seconds']:.2f} | {ratio:.2f}x | {r['peak_rss_mb'] / 1024:.2f} "
-              f"| {(r['peak_rss_mb'] - r['weights_mb']) / 1024:.2f} | {r['weights_mb'] / 1024:.2f} |", flush=True)
+        rate = f"{gflop[frames] / r['seconds']:.0f} ({r['matmul_gflops']:.0f})"
+        gib = {k: r[k] / 1024 for k in ("peak_rss_mb", "weights_mb")}
+        print(f"| {weights} | {compute} | {frames} | {r['seconds']:.2f} | {ratio:.2f}x | {rate} | {gib['peak_rss_mb']:.2f} "
+              f"| {gib['peak_rss_mb'] - gib['weights_mb']:.2f} | {gib['weights_mb']:.2f} |", flush=True)
     return 0
 
 
