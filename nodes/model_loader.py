@@ -1,8 +1,6 @@
 """STAR Model Loader: a STAR checkpoint from models/STAR, under ComfyUI's memory manager."""
 from __future__ import annotations
 
-import torch
-
 import folder_paths
 from comfy_api.latest import io
 

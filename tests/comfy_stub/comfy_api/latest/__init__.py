@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from . import io
 
+__all__ = ["ComfyExtension", "io"]
+
 
 class ComfyExtension:
     async def on_load(self) -> None:
