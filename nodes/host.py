@@ -96,14 +96,19 @@ class Progress:
         bar.update_absolute(done, total)
 
 
+class _VAEHolder(torch.nn.Module):
+    """A plain container, so ComfyUI's ModelPatcher can move the diffusers VAE (whose `device` is read-only)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = model
+
+
 _converted: "weakref.WeakKeyDictionary[object, SVDVideoVAE]" = weakref.WeakKeyDictionary()
+_patchers: "weakref.WeakKeyDictionary[SVDVideoVAE, ModelPatcher]" = weakref.WeakKeyDictionary()
 
 
-def video_vae(vae) -> SVDVideoVAE:
-    """
-    The STAR video VAE behind a node's VAE input: a STAR VAE as is, or a core ComfyUI `VAE` that holds the SVD
-    temporal-decoder VAE (its weights are re-read once into star_core's SVD adapter, on ComfyUI's VAE device).
-    """
+def _to_video_vae(vae) -> SVDVideoVAE:
     if isinstance(vae, SVDVideoVAE):
         return vae
     inner = getattr(vae, "first_stage_model", None)
@@ -116,8 +121,24 @@ def video_vae(vae) -> SVDVideoVAE:
         except ValueError as exc:
             raise ValueError(f"vae: this ComfyUI VAE is not the SVD temporal-decoder VAE STAR needs ({exc}). Load "
                              "the SVD VAE (e.g. svd_xt_vae.safetensors) with Load VAE or STAR VAE Loader") from exc
-        cached = _converted[vae] = SVDVideoVAE(model.to(mm.vae_device()))
+        cached = _converted[vae] = SVDVideoVAE(model.to(mm.vae_offload_device()))
     return cached
+
+
+def video_vae(vae) -> SVDVideoVAE:
+    """
+    The STAR video VAE behind a node's VAE input, loaded on ComfyUI's VAE device through its memory manager:
+    a STAR VAE as is, or a core ComfyUI `VAE` that holds the SVD temporal-decoder VAE (its weights are re-read
+    once into star_core's SVD adapter).
+    """
+    video = _to_video_vae(vae)
+    patcher = _patchers.get(video)
+    if patcher is None:
+        size = sum(p.numel() * p.element_size() for p in video.model.parameters())
+        patcher = _patchers[video] = ModelPatcher(_VAEHolder(video.model), load_device=mm.vae_device(),
+                                                  offload_device=mm.vae_offload_device(), size=size)
+    mm.load_models_gpu([patcher], force_full_load=True)  # diffusers layers cannot be partially loaded
+    return video
 
 
 def conditioning_context(conditioning, name: str) -> torch.Tensor:

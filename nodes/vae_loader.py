@@ -39,4 +39,4 @@ class STARVAELoader(io.ComfyNode):
         folder = os.path.dirname(path)
         config = os.path.join(folder, "config.json")
         source = folder if os.path.isfile(config) else path
-        return io.NodeOutput(load_svd_vae(source, device=host.mm.vae_device()))
+        return io.NodeOutput(load_svd_vae(source, device=host.mm.vae_offload_device()))

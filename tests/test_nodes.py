@@ -116,6 +116,8 @@ def test_full_graph_gives_target_size_and_frame_count(nodes, loaded, lr_frames):
     lr_latent, lr_images, fps = encode(nodes, loaded.vae, images=lr_frames)
     assert lr_latent["samples"].shape == (1, 4, FRAMES, 10, 8)
     assert torch.equal(lr_images, lr_frames) and fps == 0.0
+    # the VAE and the STAR network both go through ComfyUI's memory manager
+    assert getattr(mm.loaded[-1].model, "vae", None) is loaded.vae.model
     (latent,) = sample(nodes, loaded, lr_latent)
     assert latent["samples"].shape == lr_latent["samples"].shape
     assert mm.loaded[-1] is loaded.model

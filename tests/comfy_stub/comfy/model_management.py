@@ -29,6 +29,10 @@ def vae_device() -> torch.device:
     return torch.device("cpu")
 
 
+def vae_offload_device() -> torch.device:
+    return torch.device("cpu")
+
+
 def text_encoder_device() -> torch.device:
     return torch.device("cpu")
 
