@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = up.add_argument_group("models")
     models.add_argument("--model", default="light",
-                        help="'light' (lightly degraded, e.g. web video), 'heavy' (heavily degraded) or a checkpoint path")
+                        help="'light' (lightly degraded, e.g. web video), 'heavy' (heavily degraded) or a "
+                             "checkpoint path")
     models.add_argument("--vae", help="SVD VAE: diffusers folder or .safetensors (default: found/downloaded)")
     models.add_argument("--text-encoder", help="OpenCLIP ViT-H-14 / SD2 CLIP-H text encoder file or folder")
     models.add_argument("--tokenizer", help="CLIP tokenizer: folder with vocab.json + merges.txt, or open_clip's vocab")

@@ -153,7 +153,8 @@ class VideoWriter:
     def _add_video_stream(self, codec: str, crf: int | None, fps: Fraction) -> av.video.stream.VideoStream:
         encoder, options, pix_even, pix_odd = CODECS[codec]
         if encoder not in self._out.supported_codecs:
-            raise ValueError(f"codec {codec!r} cannot be stored in a {self.path.suffix} file: use .mkv or another codec")
+            raise ValueError(f"codec {codec!r} cannot be stored in a {self.path.suffix} file: use .mkv or another "
+                             "codec")
         stream = self._out.add_stream(encoder, rate=fps)
         stream.width, stream.height = self.width, self.height
         stream.pix_fmt = pix_even if self.width % 2 == 0 and self.height % 2 == 0 else pix_odd

@@ -64,7 +64,8 @@ def test_missing_input_and_output_conflicts(clips: Path, tmp_path: Path, capsys)
 
 def test_folder_and_glob_inputs_map_to_output_folder(clips: Path, tmp_path: Path) -> None:
     pairs = cli.plan_outputs(cli.expand_inputs([str(clips)]), tmp_path / "out", "h264")
-    assert [(s.name, d) for s, d in pairs] == [(n, tmp_path / "out" / n) for n in ("broken.mp4", "empty.mp4", "good.mp4")]
+    names = ("broken.mp4", "empty.mp4", "good.mp4")
+    assert [(s.name, d) for s, d in pairs] == [(n, tmp_path / "out" / n) for n in names]
     pairs = cli.plan_outputs(cli.expand_inputs([str(clips / "g*.mp4")]), tmp_path / "out", "ffv1")
     assert pairs == [(clips / "good.mp4", tmp_path / "out" / "good.mkv")]
     assert cli.plan_outputs(cli.expand_inputs([str(clips / "good.mp4")]), tmp_path / "x.mov", "h264") == \
