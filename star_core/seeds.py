@@ -108,7 +108,9 @@ class RunNoise:
             drawn = torch.empty(b, f, c, h, w).permute(0, 2, 1, 3, 4).normal_(generator=self._generator)
         if self._diffuse_eps is not None:
             if tuple(self._diffuse_eps.shape) != tuple(shape):
-                raise ValueError(f"injected diffuse_eps {tuple(self._diffuse_eps.shape)} != latent shape {tuple(shape)}")
+                raise ValueError(
+                    f"injected diffuse_eps {tuple(self._diffuse_eps.shape)} != latent shape {tuple(shape)}"
+                )
             return self._diffuse_eps.to(device)
         return drawn.contiguous().to(device)
 
