@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser(
         "upscale", help="upscale video files", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Upscale videos with STAR. Defaults follow the official inference_sr.py except where noted "
-                    "(chunk fusion 'hann' instead of hard cuts: smoother seams between 32-frame chunks; the "
-                    "official code hard-codes CUDA and fp16, here --device/--dtype pick them).")
+                    "(chunk fusion 'linear' cross-fades instead of hard cuts: smoother seams between 32-frame chunks; "
+                    "the official code hard-codes CUDA and fp16, here --device/--dtype pick them).")
     up.add_argument("inputs", nargs="*", help="video files, folders (every video inside) or glob patterns")
     up.add_argument("-o", "--output", required=True, type=Path,
                     help="output file (one input) or folder (created; outputs keep the input names)")
