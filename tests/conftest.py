@@ -15,3 +15,17 @@ def fixtures_dir() -> Path:
     """The star_tiny fixture directory; parity tests fail (never skip) when it is missing."""
     assert FIXTURES.is_dir(), f"fixture directory {FIXTURES} not found: put ../shared beside the checkout or set STAR_FIXTURES"
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP spin-waits make them very slow on a busy 2-core machine.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

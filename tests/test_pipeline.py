@@ -72,13 +72,7 @@ def test_run_noise_seeds_differ_and_repeat():
 
 # ---- tiny end-to-end runs (tiny UNet and VAE of the fixture set, random contexts) -------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These runs are many tiny ops: one thread avoids OpenMP contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
