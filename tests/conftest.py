@@ -29,3 +29,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """In-process CLI runs set torch's thread count (``--threads``); parity tests must see the default again,
+    because the fp32 reduction order, and so the last digits the fixtures are compared at, follows it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
