@@ -50,7 +50,8 @@ class SVDVideoVAE:
 
     def _moments(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            x = pixels.to(self.device, self.dtype)
+            # contiguous NCHW: torch's CPU GroupNorm loses precision on channels-last input (e.g. permuted frames)
+            x = pixels.to(self.device, self.dtype).contiguous()
             return self.model.quant_conv(self.model.encoder(x))
 
     def _decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
