@@ -15,6 +15,8 @@ import comfy.ops
 import comfy.utils
 from comfy.model_patcher import ModelPatcher
 
+from star_core import pipeline
+from star_core.host import HostContext, ProgressEvent
 from star_core.vae import SVDVideoVAE, build_vae
 
 CATEGORY = "STAR"
@@ -55,18 +57,10 @@ def wrap_model(model: torch.nn.Module) -> ModelPatcher:
 
 
 def model_function(patcher: ModelPatcher) -> Callable:
-    """Loads the patched model through ComfyUI and returns the sampler's `model_fn` in its compute dtype."""
+    """Loads the patched model through ComfyUI and returns the sampler's `model_fn` (star_core's, in the model's
+    compute dtype on ComfyUI's device)."""
     mm.load_models_gpu([patcher])
-    model, device = patcher.model, patcher.load_device
-    dtype = model.dtype  # STARUNet's compute dtype
-
-    def model_fn(x, t, context, hint):
-        mm.throw_exception_if_processing_interrupted()  # Cancel is honoured before every network call
-        hint = hint.to(device, dtype) if hint is not None else None
-        v = model(x.to(device, dtype), t.to(device), context.to(device, dtype), hint)
-        return v.to(x.device, x.dtype)
-
-    return model_fn
+    return pipeline.model_function(patcher.model)
 
 
 def check_model_file(folder: str, name: str, input_name: str) -> bool | str:
@@ -83,17 +77,22 @@ def check_model_file(folder: str, name: str, input_name: str) -> bool | str:
 
 
 class Progress:
-    """star_core's `callback(stage, done, total)` → a ComfyUI progress bar per stage, and Cancel."""
+    """star_core's progress events → a ComfyUI progress bar per stage."""
 
     def __init__(self) -> None:
         self.bars: dict[str, comfy.utils.ProgressBar] = {}
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        mm.throw_exception_if_processing_interrupted()
-        bar = self.bars.get(stage)
+    def __call__(self, event: ProgressEvent) -> None:
+        bar = self.bars.get(event.stage)
         if bar is None:
-            bar = self.bars[stage] = comfy.utils.ProgressBar(total)
-        bar.update_absolute(done, total)
+            bar = self.bars[event.stage] = comfy.utils.ProgressBar(event.total)
+        bar.update_absolute(event.done, event.total)
+
+
+def context() -> HostContext:
+    """The host context of one node execution: ComfyUI's device, progress bars and Cancel."""
+    return HostContext(device=mm.get_torch_device(), progress=Progress(),
+                       interrupt=mm.throw_exception_if_processing_interrupted)
 
 
 class _VAEHolder(torch.nn.Module):
