@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import glob
+import os
 import sys
 import tempfile
 import time
@@ -25,10 +26,10 @@ from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .host import HostContext, ProgressEvent
 from .options import SpecError
 from .spec import DEFAULTS, RunSpec, default, option_info
-from .video_io import CODECS, FileSource, VideoFileSink, probe_video, write_synthetic_clip
+from .video_io import CODECS, FileSource, VideoFileSink, check_output, write_synthetic_clip
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
-EXIT_FAILED, EXIT_MODELS_MISSING = 1, 3
+EXIT_FAILED, EXIT_MODELS_MISSING, EXIT_INTERRUPTED = 1, 3, 130
 DEMO_FRAMES = 8  # 8 frames of 48x32, x2: small enough for a CPU, long enough to exercise windows and chunks
 DEMO_NOTE = ("--demo-tiny: tiny RANDOM-weight models on a generated clip. The output is noise: this checks that the "
              "install runs end to end, not the quality.")
@@ -156,15 +157,20 @@ def run_download(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- inputs/outputs
 
-def expand_inputs(items: list[str]) -> list[tuple[Path, bool]]:
-    """Input videos from files, folders and globs, as ``(path, came_from_a_collection)`` in a stable order."""
+def expand_inputs(items: list[str], log=None) -> list[tuple[Path, bool]]:
+    """Input videos from files, folders and globs, as ``(path, came_from_a_collection)`` in a stable order; files
+    of a folder without a video extension are left out (and listed through ``log``)."""
     found: list[tuple[Path, bool]] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            videos = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+            files = sorted(p for p in path.iterdir() if p.is_file())
+            videos = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
             if not videos:
                 raise InputError(f"input folder {path} holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
+            others = [p.name for p in files if p not in videos and not p.name.startswith(".")]
+            if others and log is not None:
+                log(f"{path}: ignoring {len(others)} file(s) without a video extension: {', '.join(others)}")
             found.extend((p, True) for p in videos)
         elif path.is_file():
             found.append((path, False))
@@ -192,9 +198,17 @@ def plan_outputs(inputs: list[tuple[Path, bool]], output: Path, codec: str) -> l
         names = [dst for _, dst in pairs]
         if len(set(names)) != len(names):
             raise InputError("two inputs have the same name and would write the same output: process them separately")
-    for src, dst in pairs:
-        if dst.resolve() == src.resolve():
-            raise InputError(f"output {dst} would overwrite its input: choose another output")
+    sources = [src for src, _ in inputs]
+    for own, dst in pairs:
+        for src in sources:
+            if dst.resolve() == src.resolve() or (dst.exists() and os.path.samefile(dst, src)):
+                which = "its input" if src == own else f"another input, {src}"
+                raise InputError(f"output {dst} would overwrite {which}: choose another output")
+        for parent in dst.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise InputError(f"output {dst} cannot be written: {parent} is a file, not a folder")
+                break
     return pairs
 
 
@@ -347,51 +361,101 @@ def load_components(args: argparse.Namespace, spec: RunSpec, device: torch.devic
     return pipeline.Components(unet, vae, positive, negative)
 
 
+def _log(message: str) -> None:
+    """A note for the user: one line on stderr, printed between the progress bars."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def _file_spec(spec: RunSpec, source: FileSource) -> RunSpec:
+    """The spec for one file: ``--target-size`` names the picture as shown, so for a file shown rotated by 90 or
+    270 degrees it is swapped to the stored frames (which are what is upscaled)."""
+    target = spec.output.target
+    if target is None or round(source.video.rotation) % 180 == 0:
+        return spec
+    _log(f"{source.info.name}: shown rotated by {source.video.rotation:g} degrees: --target-size "
+         f"{target[0]}x{target[1]} applies to the picture as shown, {target[1]}x{target[0]} to the stored frames")
+    return spec.with_options({"output.target": (target[1], target[0])})
+
+
+def open_inputs(pairs: list[tuple[Path, Path]], spec: RunSpec, codec: str,
+                crf: int | None) -> tuple[list[tuple[FileSource, Path, RunSpec]], int]:
+    """
+    Opens every input before any model is loaded, so unreadable inputs and outputs the codec cannot write fail
+    fast; prints what will change about an input (truncated, alpha, bit depth) and one error line per bad input.
+
+    Returns:
+        `tuple`: the runnable (source, output, spec) triples and the number of inputs that failed.
+    """
+    opened, failures = [], 0
+    for src, dst in pairs:
+        try:
+            source = FileSource(src)
+            file_spec = _file_spec(spec, source)
+            check_output(codec, crf, pipeline.plan(source.info, file_spec).target_size)
+        except (ValueError, FileNotFoundError) as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        for note in source.video.notes():
+            _log(f"{src.name}: {note}")
+        opened.append((source, dst, file_spec))
+    return opened, failures
+
+
 def run_upscale(args: argparse.Namespace) -> int:
     """Runs the ``upscale`` command; returns the process exit code."""
     if not args.inputs and not args.demo_tiny:
         raise InputError("give at least one input video (or --demo-tiny for the install self-check)")
-    pairs = plan_outputs(expand_inputs(args.inputs), args.output, args.codec)
+    try:
+        check_output(args.codec, args.crf)
+    except ValueError as exc:
+        raise InputError(f"--{exc}") from None
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    pairs = plan_outputs(expand_inputs(args.inputs, _log), args.output, args.codec)
     todo = [(s, d) for s, d in pairs if not (args.skip_existing and d.exists())]
     for src, dst in pairs:
         if (src, dst) not in todo:
             print(f"skip {src}: {dst} exists (--skip-existing)", file=sys.stderr)
     spec = spec_from_args(args)
-    failures = 0
-    checked = []
-    for src, dst in todo:  # probe every input before loading any model, so bad inputs fail fast
-        try:
-            probe_video(src)
-            checked.append((src, dst))
-        except (ValueError, FileNotFoundError) as exc:
-            failures += 1
-            print(f"error: {exc}", file=sys.stderr)
-    if not checked:
+    opened, failures = open_inputs(todo, spec, args.codec, args.crf)
+    if not opened:
         return EXIT_FAILED if failures else 0
     if args.threads is not None:
-        if args.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     components = load_components(args, spec, device)
-    for src, dst in checked:
+    for done, (source, dst, file_spec) in enumerate(opened):
+        src = source.video.path
         progress = Progress(src.name, enabled=not args.quiet)
-        host = HostContext(device=device, progress=progress)
+
+        def log(message: str, name: str = src.name) -> None:
+            _log(f"{name}: {message}")
+
+        host = HostContext(device=device, progress=progress, log=log)
+        if dst.exists():
+            log(f"{dst} exists: it is replaced once the new video is complete (--skip-existing keeps it)")
         started = time.perf_counter()
         try:
-            source = FileSource(src)
             audio = src if source.video.has_audio and not args.no_audio else None
-            sink = VideoFileSink(dst, codec=args.codec, crf=args.crf, audio_from=audio)
-            pipeline.run(source, sink, spec, components, host)
+            sink = VideoFileSink(dst, codec=args.codec, crf=args.crf, audio_from=audio, source=source, log=log)
+            pipeline.run(source, sink, file_spec, components, host)
         except (ValueError, FileNotFoundError) as exc:
             failures += 1
             print(f"error: {src}: {exc}", file=sys.stderr)
             continue
+        except KeyboardInterrupt:
+            progress.close()
+            print(f"interrupted: stopped during {src.name} (no output written for it); {done} of {len(opened)} "
+                  "videos finished", file=sys.stderr)
+            return EXIT_INTERRUPTED
         finally:
             progress.close()
         print(f"{src} -> {dst} ({source.info.frames} frames, {time.perf_counter() - started:.1f} s)", file=sys.stderr)
     if args.demo_tiny:
         print("demo finished; reminder: the tiny models are random, so the video is noise.", file=sys.stderr)
+    if failures:
+        print(f"{failures} of {len(opened) + failures} videos failed (see the errors above)", file=sys.stderr)
     return EXIT_FAILED if failures else 0
 
 
@@ -411,3 +475,6 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted: stopped before any video was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
