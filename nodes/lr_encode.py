@@ -67,9 +67,10 @@ class STARLREncode(io.ComfyNode):
         if (target_width > 0) != (target_height > 0):
             raise ValueError("STAR LR Encode: set both target_width and target_height, or leave both 0 to use scale")
         target = (target_height, target_width) if target_width > 0 else None
-        spec = DEFAULTS.with_options({"output.scale": scale, "output.target": target, "output.padding": padding,
-                                      "encode.posterior": posterior, "encode.tile": tile or None,
-                                      "encode.tile_overlap": tile_overlap, "seed": seed})
+        with host.inputs_of("STAR LR Encode"):
+            spec = DEFAULTS.with_options({"output.scale": scale, "output.target": target, "output.padding": padding,
+                                          "encode.posterior": posterior, "encode.tile": tile or None,
+                                          "encode.tile_overlap": tile_overlap, "seed": seed})
         source = TensorSource(images, fps)
         geometry = pipeline.plan(source.info, spec)
         ctx = host.context()

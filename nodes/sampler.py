@@ -58,9 +58,10 @@ class STARSampler(io.ComfyNode):
     def execute(cls, star_model, positive, negative, lr_latent, seed: int, solver_mode: str, steps: int, cfg: float,
                 rescale: float, denoise: float, chunk_length: int, chunk_overlap: int, fusion: str) -> io.NodeOutput:
         host.geometry_of(lr_latent, "STAR Sampler lr_latent")
-        settings = SamplerSettings(mode=solver_mode, steps=steps, cfg=cfg, rescale=rescale,
-                                   t_max=t_max_for_denoise(denoise), chunk_len=chunk_length,
-                                   overlap=None if chunk_overlap < 0 else chunk_overlap, fusion=fusion)
+        with host.inputs_of("STAR Sampler"):
+            settings = SamplerSettings(mode=solver_mode, steps=steps, cfg=cfg, rescale=rescale,
+                                       t_max=t_max_for_denoise(denoise), chunk_len=chunk_length,
+                                       overlap=None if chunk_overlap < 0 else chunk_overlap, fusion=fusion)
         model_fn = host.model_function(star_model)
         latent = lr_latent["samples"].to(star_model.load_device)
         ctx = host.context()

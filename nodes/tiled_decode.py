@@ -42,11 +42,9 @@ class STARTiledVAEDecode(io.ComfyNode):
     def execute(cls, samples, vae, tile: int, tile_overlap: int, temporal_window: int,
                 temporal_overlap: int) -> io.NodeOutput:
         geometry = host.geometry_of(samples, "STAR Tiled VAE Decode samples")
-        if temporal_overlap >= temporal_window:
-            raise ValueError(f"STAR Tiled VAE Decode: temporal_overlap ({temporal_overlap}) must be smaller than "
-                             f"temporal_window ({temporal_window})")
-        options = DecodeSpec(window=temporal_window, window_overlap=temporal_overlap, tile=tile or None,
-                             tile_overlap=tile_overlap)
+        with host.inputs_of("STAR Tiled VAE Decode"):
+            options = DecodeSpec(window=temporal_window, window_overlap=temporal_overlap, tile=tile or None,
+                                 tile_overlap=tile_overlap)
         ctx = host.context()
         with ctx.scope():
             windows = [w.cpu() for w in pipeline.decode(host.video_vae(vae), samples["samples"], geometry, options,
