@@ -34,7 +34,8 @@ SPEC_INPUTS = {
     "sampler.t_max": "denoise", "sampler.chunk_len": "chunk_length", "sampler.overlap": "chunk_overlap",
     "sampler.fusion": "fusion", "decode.tile": "tile", "decode.tile_overlap": "tile_overlap",
     "decode.window": "temporal_window", "decode.window_overlap": "temporal_overlap", "colour.method": "method",
-    "colour.strength": "strength",
+    "colour.strength": "strength", "prompt.prompt": "prompt", "prompt.suffix": "suffix",
+    "prompt.negative_prompt": "negative_prompt",
 }
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -7,8 +7,9 @@ from star_core import pipeline
 from star_core.diffusion.chunking import FUSIONS
 from star_core.diffusion.schedule import MODES, t_max_for_denoise
 from star_core.diffusion.star_sampling import SamplerSettings
+from star_core.options import check_value
 from star_core.seeds import RunNoise
-from star_core.spec import default
+from star_core.spec import default, option_info
 
 from . import host
 from .types import STARModel
@@ -59,6 +60,7 @@ class STARSampler(io.ComfyNode):
                 rescale: float, denoise: float, chunk_length: int, chunk_overlap: int, fusion: str) -> io.NodeOutput:
         host.geometry_of(lr_latent, "STAR Sampler lr_latent")
         with host.inputs_of("STAR Sampler"):
+            check_value("seed", seed, option_info("seed"))
             settings = SamplerSettings(mode=solver_mode, steps=steps, cfg=cfg, rescale=rescale,
                                        t_max=t_max_for_denoise(denoise), chunk_len=chunk_length,
                                        overlap=None if chunk_overlap < 0 else chunk_overlap, fusion=fusion)

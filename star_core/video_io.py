@@ -77,6 +77,7 @@ class VideoInfo:
         rotation: counter-clockwise rotation in degrees a player applies (0 without a display matrix).
         pixel_format: the decoder's pixel format (e.g. ``yuv420p10le``); frames are always read as 8-bit RGB.
         time_base: seconds per unit of the video stream's timestamps.
+        alpha: the video has an alpha channel (in its pixel format, or VP8/VP9's separate alpha plane).
     """
 
     path: Path
@@ -90,6 +91,7 @@ class VideoInfo:
     rotation: float = 0.0
     pixel_format: str | None = None
     time_base: Fraction | None = None
+    alpha: bool = False
 
     def notes(self) -> list[str]:
         """One line per thing the upscale changes or cannot keep about this input (for the user's log)."""
@@ -98,9 +100,8 @@ class VideoInfo:
             notes.append(f"the file is truncated ({self.truncation}): upscaling the {self.frame_count} frames "
                          "that decode")
         fmt = _pixel_format(self.pixel_format)
-        if fmt is not None and any(c.is_alpha for c in fmt.components):
-            notes.append(f"its alpha channel ({self.pixel_format}) is dropped: STAR upscales RGB and the output "
-                         "has no alpha")
+        if self.alpha or (fmt is not None and any(c.is_alpha for c in fmt.components)):
+            notes.append("its alpha channel is dropped: STAR upscales RGB and the output has no alpha")
         if fmt is not None and max(c.bits for c in fmt.components) > 8:
             notes.append(f"{self.pixel_format} is read as 8-bit RGB (the model and the output are 8-bit)")
         return notes
@@ -173,12 +174,27 @@ def _present_frames(container, stream, path: Path, fps: Fraction) -> tuple[int, 
         if all(entry.pos + entry.size <= size for entry in entries):
             return header, None
     count, end = _count_packets(container, stream)
-    if 0 < count < header:
-        return count, f"its header promises {header} frames, {count} are present"
     stated = _stated_duration(stream)
-    if stated is not None and end is not None and end + Fraction(3, 2) / fps < stated:
-        return count, f"it stops at {float(end):.2f} s of its stated {float(stated):.2f} s"
-    return count, None
+    if 0 < count < header:
+        truncation = f"its header promises {header} frames"
+    elif stated is not None and end is not None and end + Fraction(3, 2) / fps < stated:
+        truncation = f"it stops at {float(end):.2f} s of its stated {float(stated):.2f} s"
+    else:
+        return count, None
+    # frames whose reference frames were cut off do not decode: count what does (only for a truncated file)
+    container.seek(0)
+    return _decodable_frames(container, stream), truncation
+
+
+def _decodable_frames(container: av.container.InputContainer, stream) -> int:
+    """Frames that decode, up to the first decoding error."""
+    count = 0
+    try:
+        for _ in container.decode(stream):
+            count += 1
+    except av.error.FFmpegError:
+        pass
+    return count
 
 
 def _first_frame_matrix(container, stream, path: Path) -> tuple[tuple[int, ...] | None, float]:
@@ -220,13 +236,14 @@ def probe_video(path: str | Path) -> VideoInfo:
         width, height = stream.codec_context.width, stream.codec_context.height
         pixel_format = stream.codec_context.format.name if stream.codec_context.format is not None else None
         time_base = stream.time_base
+        alpha = stream.metadata.get("alpha_mode") == "1"  # WebM's VP8/VP9 alpha, decoded separately (not here)
         frame_count, truncation = _present_frames(container, stream, path, fps)
     if frame_count <= 0 or width <= 0 or height <= 0:
         raise ValueError(f"{path} holds no video frames (0 frames): pass a video with at least one frame")
     with _open_input(path) as container:
         matrix, rotation = _first_frame_matrix(container, _video_stream(container, path), path)
     return VideoInfo(path, width, height, fps, frame_count, has_audio, truncation, matrix, rotation, pixel_format,
-                     time_base)
+                     time_base, alpha)
 
 
 def read_frames(path: str | Path, window: int, limit: int | None = None,
