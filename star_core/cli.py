@@ -30,6 +30,9 @@ from .video_io import CODECS, FileSource, VideoFileSink, check_output, write_syn
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
 EXIT_FAILED, EXIT_MODELS_MISSING, EXIT_INTERRUPTED = 1, 3, 130
+# What lowers the memory a run needs, for the out-of-memory message (largest effect first).
+OOM_ADVICE = ("lower the memory a step needs: --decode-tile 512 --encode-tile 512, a shorter --chunk-len (e.g. 16), "
+              "--dtype fp16, or a smaller output (--scale / --target-size)")
 DEMO_FRAMES = 8  # 8 frames of 48x32, x2: small enough for a CPU, long enough to exercise windows and chunks
 DEMO_NOTE = ("--demo-tiny: tiny RANDOM-weight models on a generated clip. The output is noise: this checks that the "
              "install runs end to end, not the quality.")
@@ -444,6 +447,12 @@ def run_upscale(args: argparse.Namespace) -> int:
             failures += 1
             print(f"error: {src}: {exc}", file=sys.stderr)
             continue
+        except (MemoryError, *host.oom_errors) as exc:  # this video did not fit; the next ones may
+            failures += 1
+            gc.collect()
+            print(f"error: {src}: out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                  f"{OOM_ADVICE}", file=sys.stderr)
+            continue
         except KeyboardInterrupt:
             progress.close()
             print(f"interrupted: stopped during {src.name} (no output written for it); {done} of {len(opened)} "
@@ -455,7 +464,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     if args.demo_tiny:
         print("demo finished; reminder: the tiny models are random, so the video is noise.", file=sys.stderr)
     if failures:
-        print(f"{failures} of {len(opened) + failures} videos failed (see the errors above)", file=sys.stderr)
+        print(f"{failures} of {len(todo)} videos failed (see the errors above)", file=sys.stderr)
     return EXIT_FAILED if failures else 0
 
 

@@ -639,6 +639,35 @@ def test_row13_folder_with_bad_files_processes_the_good_ones_and_fails(run_cli, 
 
 # ---------------------------------------------------------------------------------- row 14: out of memory
 
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+                                   MemoryError()])
+def test_row14_out_of_memory_fails_that_video_with_advice_and_the_batch_goes_on(run_cli, tmp_path, error):
+    """A simulated out-of-memory error in the first video's first network call: that video fails with one line that
+    says what lowers the memory, leaves no file, and the next video of the batch runs."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        write_synthetic_clip(folder / name, frames=2, width=16, height=16)
+    run_cli(folder / "a.mp4", "-o", tmp_path / "warm.mp4")  # models loaded (cached) before the fault is planted
+    components = next(iter(run_cli.loaded.values()))
+    calls = []
+
+    def out_of_memory_once(*_):
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+
+    handle = components.model.register_forward_pre_hook(out_of_memory_once)
+    try:
+        code, err = run_cli(folder, "-o", tmp_path / "out")
+    finally:
+        handle.remove()
+    assert code == cli.EXIT_FAILED and no_traceback(err), err
+    assert re.search(r"error: .*a.mp4: out of memory \((CUDA out of memory. Tried to allocate 20.00 GiB|MemoryError)\); "
+                     r"lower the memory a step needs: --decode-tile 512 --encode-tile 512, a shorter --chunk-len", err)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.mp4"]
+    assert "1 of 2 videos failed" in err
+
 # ----------------------------------------------------------------------------------- row 15: cancel / Ctrl-C
 
 def first_module(components: Components, kind: type) -> torch.nn.Module:
