@@ -67,14 +67,13 @@ def ctrl_c():
 class Cancel:
     # Ctrl-C while `stage` runs: KeyboardInterrupt from the host's interrupt check, or from the sink's write
     def __init__(self, stage):
-        self.stage, self.current, self.checks = stage, None, 0
+        self.stage, self.current = stage, None
     def progress(self, event):
         self.current = event.stage
     def interrupt(self):
-        if self.current == self.stage:
-            self.checks += 1
-            if self.checks == 2:
-                ctrl_c()
+        # the stage's first progress event follows its first check: this stops at the stage's second tile/call
+        if self.stage is not None and self.current == self.stage:
+            ctrl_c()
 
 def run(stage=None):
     at_cancel.clear()

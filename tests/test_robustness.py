@@ -39,6 +39,8 @@ from star_core.video_io import (
 
 sys.path.insert(0, str(Path(__file__).parent / "comfy_stub"))
 import harness  # noqa: E402
+# The node fixtures of test_nodes: tiny models tree, the pack on the host stub, loaded models, an LR latent.
+from test_nodes import FakeClip, encode, loaded, lr_frames, lr_latent, models, nodes, pack, sample  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -425,6 +427,25 @@ def test_row10_nan_or_inf_is_an_error_before_sampling(tiny_parts, where, message
     assert calls == []
 
 
+def test_row10_nan_or_inf_in_node_inputs_is_an_error_before_sampling(nodes, loaded, lr_latent):
+    images = frames_of(2, 12, 16)
+    images[0, 0, 0, 1] = float("inf")
+    with pytest.raises(ValueError, match="the input frames: 1 of 1152 values are NaN or infinite"):
+        encode(nodes, loaded.vae, images=images)
+    calls = []
+    handle = loaded.model.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        broken = [[loaded.positive[0][0] * float("nan"), loaded.positive[0][1]]]
+        with pytest.raises(ValueError, match=r"the positive conditioning: 78848 of 78848 values are NaN"):
+            sample(nodes, loaded, lr_latent, positive=broken)
+        bad_latent = dict(lr_latent, samples=lr_latent["samples"].clone().fill_(float("nan")))
+        with pytest.raises(ValueError, match="the LR latent: 640 of 640 values are NaN or infinite"):
+            sample(nodes, loaded, bad_latent)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
 # ---------------------------------------------------------------------------------- row 11: option validation
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -467,53 +488,10 @@ def test_row11_cli_target_size_is_checked_by_the_parser(tmp_path, capsys, value,
     assert exited.value.code == 2 and f"--target-size {message}" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def node_models(tmp_path_factory) -> Path:
-    from star_core.tiny_models import write_tree
-
-    root = tmp_path_factory.mktemp("node_models")
-    write_tree(root, ["star", "vae_tiny"])
-    return root
-
-
-@pytest.fixture(scope="module")
-def nodes(node_models) -> dict:
-    return harness.node_classes(harness.load_pack(node_models))
-
-
-@pytest.fixture(scope="module")
-def node_parts(nodes) -> SimpleNamespace:
-    from test_nodes import FakeClip
-
-    (model,) = harness.run(nodes["STARModelLoader"], ckpt_name="star_tiny.safetensors", weight_dtype="auto")
-    (vae,) = harness.run(nodes["STARVAELoader"], vae_name="svd_vae_tiny.safetensors")
-    positive, negative = harness.run(nodes["STARTextEncode"], clip=FakeClip(), prompt="a good video",
-                                     suffix="official", negative_prompt="blurry")
-    return SimpleNamespace(model=model, vae=vae, positive=positive, negative=negative)
-
-
-def node_encode(nodes, parts, images, **overrides):
-    inputs = dict(vae=parts.vae, images=images, video=None, scale=2.0, target_width=0, target_height=0,
-                  padding="minimal", posterior="sample", seed=666, tile=0, tile_overlap=32) | overrides
-    return harness.run(nodes["STARLREncode"], **inputs)
-
-
-def node_sample(nodes, parts, lr_latent, **overrides):
-    inputs = dict(star_model=parts.model, positive=parts.positive, negative=parts.negative, lr_latent=lr_latent,
-                  seed=666, solver_mode="normal", steps=2, cfg=7.5, rescale=0.2, denoise=1.0, chunk_length=32,
-                  chunk_overlap=-1, fusion="hann") | overrides
-    return harness.run(nodes["STARSampler"], **inputs)
-
-
 def node_decode(nodes, parts, latent, **overrides):
     inputs = dict(samples=latent, vae=parts.vae, tile=0, tile_overlap=64, temporal_window=3,
                   temporal_overlap=0) | overrides
     return harness.run(nodes["STARTiledVAEDecode"], **inputs)
-
-
-@pytest.fixture(scope="module")
-def lr_latent(nodes, node_parts) -> dict:
-    return node_encode(nodes, node_parts, frames_of(2, 12, 16, seed=3))[0]
 
 
 @pytest.mark.parametrize(("node", "inputs", "message"), [
@@ -534,10 +512,10 @@ def lr_latent(nodes, node_parts) -> dict:
     ("decode", dict(tile=64, tile_overlap=64), "STAR Tiled VAE Decode: tile overlap 64 px must be smaller"),
     ("decode", dict(temporal_window=0), "STAR Tiled VAE Decode: temporal_window must be in [1, 256], got 0"),
 ])
-def test_row11_node_validation_names_the_input_and_range(nodes, node_parts, lr_latent, node, inputs, message):
-    run = {"sample": lambda: node_sample(nodes, node_parts, lr_latent, **inputs),
-           "encode": lambda: node_encode(nodes, node_parts, frames_of(1, 12, 16), **inputs),
-           "decode": lambda: node_decode(nodes, node_parts, lr_latent, **inputs)}[node]
+def test_row11_node_validation_names_the_input_and_range(nodes, loaded, lr_latent, node, inputs, message):
+    run = {"sample": lambda: sample(nodes, loaded, lr_latent, **inputs),
+           "encode": lambda: encode(nodes, loaded.vae, images=frames_of(1, 12, 16), **inputs),
+           "decode": lambda: node_decode(nodes, loaded, lr_latent, **inputs)}[node]
     with pytest.raises(ValueError) as raised:
         run()
     assert message in str(raised.value)
@@ -760,29 +738,29 @@ def test_row15_memory_is_released_after_cancelled_runs(demo_models):
     assert all(r["rss_mb"] - warm < 10 for r in rows[3:]), rows
 
 
-def test_row15_node_cancel_during_decode_then_the_next_run_works(nodes, node_parts, lr_latent):
+def test_row15_node_cancel_during_decode_then_the_next_run_works(nodes, loaded, lr_latent):
     """ComfyUI's Cancel during the VAE decode stops at the next tile; the next queued run gives the same images as
     an uninterrupted one (the sampler's own Cancel test is test_nodes.test_cancel_stops_within_one_model_evaluation)."""
     import comfy.model_management as mm
 
-    reference = node_decode(nodes, node_parts, lr_latent, tile=16, tile_overlap=8, temporal_window=1)[0]
+    reference = node_decode(nodes, loaded, lr_latent, tile=16, tile_overlap=8, temporal_window=1)[0]
     tiles = []
-    real_decode = node_parts.vae.decode
+    real_decode = loaded.vae.decode
 
     def decode_then_cancel(*args, **kwargs):
         tiles.append(1)
         mm.interrupt_current_processing(True)
         return real_decode(*args, **kwargs)
 
-    node_parts.vae.decode = decode_then_cancel
+    loaded.vae.decode = decode_then_cancel
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            node_decode(nodes, node_parts, lr_latent, tile=16, tile_overlap=8, temporal_window=1)
+            node_decode(nodes, loaded, lr_latent, tile=16, tile_overlap=8, temporal_window=1)
     finally:
-        del node_parts.vae.decode
+        del loaded.vae.decode
         mm.interrupt_current_processing(False)
     assert len(tiles) == 1  # the first window's first tile check after the flag stopped it
-    again = node_decode(nodes, node_parts, lr_latent, tile=16, tile_overlap=8, temporal_window=1)[0]
+    again = node_decode(nodes, loaded, lr_latent, tile=16, tile_overlap=8, temporal_window=1)[0]
     assert torch.equal(again, reference)
 
 
@@ -816,12 +794,12 @@ def test_row17_same_seed_same_video_other_seed_other_video_cli(run_cli, tmp_path
     assert np.abs(outputs["a"].astype(int) - outputs["c"]).max() > 0
 
 
-def test_row17_same_seed_same_video_other_seed_other_video_nodes(nodes, node_parts):
+def test_row17_same_seed_same_video_other_seed_other_video_nodes(nodes, loaded):
     frames = frames_of(2, 12, 16, seed=9)
 
     def graph(seed):
-        latent = node_encode(nodes, node_parts, frames, seed=seed)[0]
-        return node_decode(nodes, node_parts, node_sample(nodes, node_parts, latent, seed=seed)[0])[0]
+        latent = encode(nodes, loaded.vae, images=frames, seed=seed)[0]
+        return node_decode(nodes, loaded, sample(nodes, loaded, latent, seed=seed)[0])[0]
 
     first, second, other = graph(21), graph(21), graph(22)
     assert torch.equal(first, second) and not torch.equal(first, other)
@@ -857,8 +835,6 @@ def test_row18_prompt_longer_than_77_tokens(demo_models, suffix):
 def test_row18_long_prompt_in_the_node(nodes):
     """The node cuts the conditioning to the first 77-token window for every suffix; 'protected' needs the CLIP-H
     tokenizer inside the CLIP and says so when it is not there."""
-    from test_nodes import FakeClip
-
     for suffix in ("official", "none"):
         clip = FakeClip()
         positive, _ = harness.run(nodes["STARTextEncode"], clip=clip, prompt=LONG_PROMPT, suffix=suffix,
@@ -871,19 +847,19 @@ def test_row18_long_prompt_in_the_node(nodes):
 
 # ------------------------------------------------------------------------------------- row 19: model files
 
-def test_row19_missing_or_misplaced_model_file_lists_what_is_there(nodes, node_models):
+def test_row19_missing_or_misplaced_model_file_lists_what_is_there(nodes, models):
     message = nodes["STARModelLoader"].validate_inputs(ckpt_name="light_deg.pt")
-    assert message == (f"ckpt_name: 'light_deg.pt' not found in {node_models / 'STAR'}. "
+    assert message == (f"ckpt_name: 'light_deg.pt' not found in {models / 'STAR'}. "
                        "Available: 'star_tiny.safetensors'.")
-    (node_models / "checkpoints").mkdir(exist_ok=True)
-    misplaced = node_models / "checkpoints" / "light_deg.pt"
+    (models / "checkpoints").mkdir(exist_ok=True)
+    misplaced = models / "checkpoints" / "light_deg.pt"
     misplaced.write_bytes(b"")
     try:
         message = nodes["STARModelLoader"].validate_inputs(ckpt_name="light_deg.pt")
         assert message.endswith(f"'light_deg.pt' is in {misplaced} (the 'checkpoints' folder): move it to "
-                                f"{node_models / 'STAR'}.")
+                                f"{models / 'STAR'}.")
         message = nodes["STARVAELoader"].validate_inputs(vae_name="svd.safetensors")
-        assert message == (f"vae_name: 'svd.safetensors' not found in {node_models / 'vae'}. "
+        assert message == (f"vae_name: 'svd.safetensors' not found in {models / 'vae'}. "
                            "Available: 'svd_vae_tiny.safetensors'.")
     finally:
         misplaced.unlink()
