@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -160,7 +160,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- inputs/outputs
 
-def expand_inputs(items: list[str], log=None) -> list[tuple[Path, bool]]:
+def expand_inputs(items: list[str], log: Callable[[str], None] | None = None) -> list[tuple[Path, bool]]:
     """Input videos from files, folders and globs, as ``(path, came_from_a_collection)`` in a stable order; files
     of a folder without a video extension are left out (and listed through ``log``)."""
     found: list[tuple[Path, bool]] = []
