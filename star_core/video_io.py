@@ -7,6 +7,7 @@ failed run leaves no half-written output.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 from dataclasses import dataclass
@@ -353,7 +354,10 @@ class VideoWriter:
         except (FileExistsError, NotADirectoryError):
             raise ValueError(f"cannot write {self.path}: a part of its folder {self.path.parent} is a file, not a "
                              "folder") from None
-        self._out = av.open(str(self._tmp), "w")
+        except OSError as exc:
+            raise ValueError(f"cannot create the folder {self.path.parent} ({exc.strerror})") from exc
+        with self._writing():
+            self._out = av.open(str(self._tmp), "w")
         try:
             self._video = self._add_video_stream(codec, crf, Fraction(fps).limit_denominator(1_000_000))
             if display_matrix is not None:
@@ -434,6 +438,16 @@ class VideoWriter:
                 return
         self._audio_packets = None
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """File-system and encoder failures (disk full, no permission, an encoder refusing a frame) as one
+        ValueError that names the file; the caller aborts, so nothing half-written stays."""
+        try:
+            yield
+        except (av.error.FFmpegError, OSError) as exc:
+            raise ValueError(f"writing {self.path} failed ({exc}): check the free disk space and that the folder "
+                             "is writable") from exc
+
     def write(self, frames: np.ndarray) -> None:
         """Encode a window of uint8 RGB frames ``[T,H,W,3]`` of the writer's size."""
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
@@ -441,23 +455,25 @@ class VideoWriter:
                              f"{list(frames.shape)}")
         if self._times is not None and self.frames_written + len(frames) > len(self._times.pts):
             raise ValueError(f"more frames than the {len(self._times.pts)} timestamps the writer was given")
-        for image in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.pts = self.frames_written if self._times is None else self._times.pts[self.frames_written]
-            self.frames_written += 1
-            self._out.mux(self._video.encode(frame))
-        self._mux_audio_until(self.seconds_written)
+        with self._writing():
+            for image in frames:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                frame.pts = self.frames_written if self._times is None else self._times.pts[self.frames_written]
+                self.frames_written += 1
+                self._out.mux(self._video.encode(frame))
+            self._mux_audio_until(self.seconds_written)
 
     def close(self) -> None:
         """Flush the encoders, finish the file and move it to its final name."""
-        self._out.mux(self._video.encode(None))
-        self._mux_audio_until(None)
-        if self._audio_encoder is not None:
-            self._out.mux(self._audio_out.encode(None))
-        self._out.close()
-        if self._audio_in is not None:
-            self._audio_in.close()
-        os.replace(self._tmp, self.path)
+        with self._writing():
+            self._out.mux(self._video.encode(None))
+            self._mux_audio_until(None)
+            if self._audio_encoder is not None:
+                self._out.mux(self._audio_out.encode(None))
+            self._out.close()
+            if self._audio_in is not None:
+                self._audio_in.close()
+            os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
         """Close everything and delete the temporary file (``path`` is left untouched)."""

@@ -615,6 +615,36 @@ def test_row13_folder_with_bad_files_processes_the_good_ones_and_fails(run_cli, 
     assert "4 of 7 videos failed (see the errors above)" in err
 
 
+DISK_FULL = r"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (40000, 40000))  # no file of this process may grow past 40 kB
+from star_core.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_row13_disk_full_fails_that_video_without_a_file_and_the_batch_goes_on(demo_models, tmp_path):
+    """A real write failure (the process may not write past 40 kB, as on a full disk): the big video fails with one
+    line naming the file, its temporary file is removed, and the next, small video is written."""
+    import subprocess
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_clip(folder / "a_big.mp4", frames=6, width=48, height=32, audio=None)  # ffv1 output: about 100 kB
+    write_clip(folder / "b_small.mp4", frames=1, width=8, height=8, audio=None)
+    command = [sys.executable, "-c", DISK_FULL, "upscale", str(folder), "-o", str(tmp_path / "out"), "--codec",
+               "ffv1", "--offline", "--comfy-models", str(demo_models), "--model",
+               str(demo_models / "STAR" / "star_tiny.safetensors"), "--tokenizer", str(fetch_openclip_vocab()), *FAST]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == cli.EXIT_FAILED and no_traceback(done.stderr), done.stderr[-3000:]
+    assert re.search(r"error: .*a_big.mp4: writing .*a_big.mkv failed \(.*File too large.*\): check the free disk "
+                     r"space", done.stderr), done.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b_small.mkv"]
+    assert probe_video(tmp_path / "out" / "b_small.mkv").frame_count == 1
+
+
 # ---------------------------------------------------------------------------------- row 14: out of memory
 
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
