@@ -241,6 +241,24 @@ def test_row06_truncated_file_gives_the_frames_that_decode_and_says_so(run_cli, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
 
 
+def test_row06_a_file_that_shrinks_between_the_two_reads_fails_without_output(tiny_parts, tmp_path):
+    """The video is read twice (encode, then colour fix while writing); a file replaced or still being written
+    in between gives fewer frames the second time: a clear error, and the half-written output is removed."""
+    class Shrinking(TensorSource):
+        reads = 0
+
+        def windows(self, size):
+            self.reads += 1
+            frames = self.frames if self.reads == 1 else self.frames[:2]
+            return TensorSource(frames).windows(size)
+
+    spec = DEFAULTS.with_options({**QUICK, "output.scale": 2.0, "decode.window": 2})
+    with pytest.raises(ValueError, match="clip.mp4 has fewer frames on the second read than on the first"):
+        pipeline.run(Shrinking(frames_of(4, 6, 8), 24, name="clip.mp4"), VideoFileSink(tmp_path / "out.mp4"), spec,
+                     tiny_parts)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------ row 7: few frames, chunk edges
 
 @pytest.mark.parametrize(("frames", "chunk", "fusion"), [
