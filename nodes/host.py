@@ -15,11 +15,13 @@ import comfy.ops
 import comfy.utils
 from comfy.model_patcher import ModelPatcher
 
+from star_core.seeds import RunNoise
 from star_core.vae import SVDVideoVAE, build_vae
 
 CATEGORY = "STAR"
 # Keys the STAR nodes add to a ComfyUI LATENT dict (next to "samples").
 GEOMETRY_KEY = "star_geometry"
+SEED_KEY = "star_seed"  # the run's seed: LR Encode drew the posterior noise from it, the sampler continues it
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 for _name in ("float8_e4m3fn", "float8_e5m2"):
@@ -96,7 +98,7 @@ class Progress:
         bar.update_absolute(done, total)
 
 
-class _VAEHolder(torch.nn.Module):
+class SVD_VAE(torch.nn.Module):  # noqa: N801 - ComfyUI logs "Requested to load <class name>" to the user
     """A plain container, so ComfyUI's ModelPatcher can move the diffusers VAE (whose `device` is read-only)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -135,7 +137,7 @@ def video_vae(vae) -> SVDVideoVAE:
     patcher = _patchers.get(video)
     if patcher is None:
         size = sum(p.numel() * p.element_size() for p in video.model.parameters())
-        patcher = _patchers[video] = ModelPatcher(_VAEHolder(video.model), load_device=mm.vae_device(),
+        patcher = _patchers[video] = ModelPatcher(SVD_VAE(video.model), load_device=mm.vae_device(),
                                                   offload_device=mm.vae_offload_device(), size=size)
     mm.load_models_gpu([patcher], force_full_load=True)  # diffusers layers cannot be partially loaded
     return video
@@ -160,6 +162,18 @@ def geometry_of(latent: dict, name: str):
     if not isinstance(latent, dict) or GEOMETRY_KEY not in latent:
         raise ValueError(f"{name}: this LATENT has no STAR geometry; make it with STAR LR Encode (and STAR Sampler)")
     return Geometry.from_dict(latent[GEOMETRY_KEY])
+
+
+def run_noise(latent: dict, name: str) -> RunNoise:
+    """
+    The run's random stream for the sampler: the seed STAR LR Encode stored in the latent, re-seeded, so the
+    start noise and the SDE noise follow the posterior noise in the documented order (`star_core.seeds`).
+    """
+    seed = latent.get(SEED_KEY) if isinstance(latent, dict) else None
+    if seed is None:
+        raise ValueError(f"{name}: this LATENT has no STAR seed; make it with STAR LR Encode (which holds the run's "
+                         "seed)")
+    return RunNoise(int(seed))
 
 
 def to_output(frames: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from . import host
 from .types import vae_input
 
 OFFICIAL_SEED = 666
+# Frame rate assumed for IMAGE frames (they carry none); CreateVideo's default.
+DEFAULT_FPS = 30.0
 
 
 class STARLREncode(io.ComfyNode):
@@ -22,13 +24,17 @@ class STARLREncode(io.ComfyNode):
             category=host.CATEGORY,
             description="Upscales the low-resolution frames bilinearly to the target size, pads them for the "
                         "network and encodes them with the SVD VAE. The latent remembers the original size, the "
-                        "target, the padding and the fps, so STAR Tiled VAE Decode returns exactly that video.",
+                        "target, the padding, the fps and the run's seed, so STAR Sampler continues the same "
+                        "random stream and STAR Tiled VAE Decode returns exactly that video.",
             inputs=[
                 vae_input("The SVD VAE: Load VAE with the SVD VAE file, or STAR VAE Loader."),
                 io.Image.Input("images", optional=True,
                                tooltip="Low-resolution frames (IMAGE batch = frames). Connect this or video."),
                 io.Video.Input("video", optional=True,
                                tooltip="Low-resolution VIDEO (its frames and fps are used); overrides images."),
+                io.Float.Input("fps", default=DEFAULT_FPS, min=1.0, max=1000.0, step=0.001,
+                               tooltip="Frame rate of the images (an IMAGE batch has none). A connected video's "
+                                       "own frame rate is used instead."),
                 io.Float.Input("scale", default=4.0, min=1.0, max=8.0, step=0.25,
                                tooltip="Upscale factor (official 4). Ignored when target width and height are set."),
                 io.Int.Input("target_width", default=0, min=0, max=8192, step=2,
@@ -42,9 +48,10 @@ class STARLREncode(io.ComfyNode):
                 io.Combo.Input("posterior", options=["sample", "mean"], default="sample",
                                tooltip="sample: the official VAE posterior sample (uses seed). mean: the posterior "
                                        "mean (no randomness)."),
-                io.Int.Input("seed", default=OFFICIAL_SEED, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seed of the posterior sample. Use the STAR Sampler's seed to reproduce the "
-                                     "command line run with that seed (official: 666)."),
+                io.Int.Input("seed", default=OFFICIAL_SEED, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The run's one seed (official: 666): the posterior sample here, then the start "
+                                     "and SDE noise in STAR Sampler, which reads it from the latent. The same seed "
+                                     "gives the command line's result."),
                 io.Int.Input("tile", default=0, min=0, max=8192, step=8,
                              tooltip="Spatial encoder tile in pixels (multiple of 8); 0 = whole frames (official)."),
                 io.Int.Input("tile_overlap", default=32, min=0, max=1024, step=8,
@@ -56,9 +63,8 @@ class STARLREncode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, scale: float, target_width: int, target_height: int, padding: str, posterior: str,
-                seed: int, tile: int, tile_overlap: int, images=None, video=None) -> io.NodeOutput:
-        fps = None
+    def execute(cls, vae, fps: float, scale: float, target_width: int, target_height: int, padding: str,
+                posterior: str, seed: int, tile: int, tile_overlap: int, images=None, video=None) -> io.NodeOutput:
         if video is not None:
             components = video.get_components()
             images, fps = components.images, float(components.frame_rate)
@@ -74,5 +80,5 @@ class STARLREncode(io.ComfyNode):
         latent = pipeline.encode_lr(host.video_vae(vae), pipeline.prepare_windows(windows, geometry), geometry,
                                     RunNoise(seed) if sample else None, sample=sample, tile=tile or None,
                                     tile_overlap=tile_overlap, callback=host.Progress())
-        out = {"samples": host.to_output(latent), host.GEOMETRY_KEY: geometry.to_dict()}
-        return io.NodeOutput(out, images, fps if fps is not None else 0.0)
+        out = {"samples": host.to_output(latent), host.GEOMETRY_KEY: geometry.to_dict(), host.SEED_KEY: seed}
+        return io.NodeOutput(out, images, fps)
