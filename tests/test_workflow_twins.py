@@ -35,7 +35,7 @@ def test_conversion_matches_the_real_frontend(path):
 def test_recordings_include_the_seed_control_shift():
     """The recorded frontends read a seed-named INT's next saved value as its control mode (the shipped LR Encode
     lost its tile settings that way), and the converter reproduces it."""
-    recording = json.loads((wt.API_DIR / "frontend" / "STAR_upscale_core_video.comfyui-0.33.0.json").read_text())
+    recording = json.loads((wt.API_DIR / "frontend" / "STAR_upscale_core_video.comfyui-0.33.0.f0b1368.json").read_text())
     lr_encode = next(n for n in recording["workflow"]["nodes"] if n["type"] == "STARLREncode")
     assert lr_encode["widgets_values"][5:] == [666, 0, 32]
     assert {k: recording["prompt"]["7"]["inputs"][k] for k in ("seed", "tile", "tile_overlap")} == {
