@@ -15,7 +15,8 @@ import comfy.ops
 import comfy.utils
 from comfy.model_patcher import ModelPatcher
 
-from star_core.seeds import RunNoise
+from star_core import pipeline
+from star_core.host import HostContext, ProgressEvent
 from star_core.vae import SVDVideoVAE, build_vae
 
 CATEGORY = "STAR"
@@ -57,18 +58,10 @@ def wrap_model(model: torch.nn.Module) -> ModelPatcher:
 
 
 def model_function(patcher: ModelPatcher) -> Callable:
-    """Loads the patched model through ComfyUI and returns the sampler's `model_fn` in its compute dtype."""
+    """Loads the patched model through ComfyUI and returns the sampler's `model_fn` (star_core's, in the model's
+    compute dtype on ComfyUI's device)."""
     mm.load_models_gpu([patcher])
-    model, device = patcher.model, patcher.load_device
-    dtype = model.dtype  # STARUNet's compute dtype
-
-    def model_fn(x, t, context, hint):
-        mm.throw_exception_if_processing_interrupted()  # Cancel is honoured before every network call
-        hint = hint.to(device, dtype) if hint is not None else None
-        v = model(x.to(device, dtype), t.to(device), context.to(device, dtype), hint)
-        return v.to(x.device, x.dtype)
-
-    return model_fn
+    return pipeline.model_function(patcher.model)
 
 
 def check_model_file(folder: str, name: str, input_name: str) -> bool | str:
@@ -85,17 +78,22 @@ def check_model_file(folder: str, name: str, input_name: str) -> bool | str:
 
 
 class Progress:
-    """star_core's `callback(stage, done, total)` → a ComfyUI progress bar per stage, and Cancel."""
+    """star_core's progress events → a ComfyUI progress bar per stage."""
 
     def __init__(self) -> None:
         self.bars: dict[str, comfy.utils.ProgressBar] = {}
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        mm.throw_exception_if_processing_interrupted()
-        bar = self.bars.get(stage)
+    def __call__(self, event: ProgressEvent) -> None:
+        bar = self.bars.get(event.stage)
         if bar is None:
-            bar = self.bars[stage] = comfy.utils.ProgressBar(total)
-        bar.update_absolute(done, total)
+            bar = self.bars[event.stage] = comfy.utils.ProgressBar(event.total)
+        bar.update_absolute(event.done, event.total)
+
+
+def context() -> HostContext:
+    """The host context of one node execution: ComfyUI's device, progress bars and Cancel."""
+    return HostContext(device=mm.get_torch_device(), progress=Progress(),
+                       interrupt=mm.throw_exception_if_processing_interrupted)
 
 
 class SVD_VAE(torch.nn.Module):  # noqa: N801 - ComfyUI logs "Requested to load <class name>" to the user
@@ -164,16 +162,16 @@ def geometry_of(latent: dict, name: str):
     return Geometry.from_dict(latent[GEOMETRY_KEY])
 
 
-def run_noise(latent: dict, name: str) -> RunNoise:
+def seed_of(latent: dict, name: str) -> int:
     """
-    The run's random stream for the sampler: the seed STAR LR Encode stored in the latent, re-seeded, so the
-    start noise and the SDE noise follow the posterior noise in the documented order (`star_core.seeds`).
+    The run's seed STAR LR Encode stored in the latent: the sampler re-seeds the run's stream with it, so the start
+    noise and the SDE noise follow the posterior noise in the documented order (`star_core.seeds`).
     """
     seed = latent.get(SEED_KEY) if isinstance(latent, dict) else None
     if seed is None:
         raise ValueError(f"{name}: this LATENT has no STAR seed; make it with STAR LR Encode (which holds the run's "
                          "seed)")
-    return RunNoise(int(seed))
+    return int(seed)
 
 
 def to_output(frames: torch.Tensor) -> torch.Tensor:

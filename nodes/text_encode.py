@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from star_core.text.prompts import DEFAULT_PROMPT, NEGATIVE_PROMPT, SUFFIX_MODES, build_caption
+from star_core.text.prompts import SUFFIX_MODES, build_caption
+from star_core.spec import default
 
 from . import host
 
@@ -20,13 +21,13 @@ class STARTextEncode(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="SD 2.x CLIP-H text encoder (Load CLIP type stable_diffusion, or the "
                                               "CLIP of any SD 2.x checkpoint)."),
-                io.String.Input("prompt", default=DEFAULT_PROMPT, multiline=True,
+                io.String.Input("prompt", default=default("prompt.prompt"), multiline=True,
                                 tooltip="What the video shows; the official default is 'a good video'."),
-                io.Combo.Input("suffix", options=list(SUFFIX_MODES), default="official",
+                io.Combo.Input("suffix", options=list(SUFFIX_MODES), default=default("prompt.suffix"),
                                tooltip="official: the quality suffix is appended with no separator, as in STAR "
                                        "(a long prompt pushes its end past 77 tokens). protected: a long prompt is "
                                        "shortened so the whole suffix fits. none: the prompt alone."),
-                io.String.Input("negative_prompt", default=NEGATIVE_PROMPT, multiline=True,
+                io.String.Input("negative_prompt", default=default("prompt.negative_prompt"), multiline=True,
                                 tooltip="Negative prompt for classifier-free guidance (official default shown)."),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"),

@@ -15,6 +15,9 @@ from typing import Iterator
 
 import av
 import numpy as np
+import torch
+
+from .frames import SourceInfo, to_uint8
 
 # name -> (encoder, options, pixel format for even sizes, pixel format for odd sizes)
 CODECS: dict[str, tuple[str, dict[str, str], str, str]] = {
@@ -147,7 +150,7 @@ class VideoWriter:
             if audio_from is not None:
                 self._add_audio(Path(audio_from))
         except BaseException:
-            self._abort()
+            self.abort()
             raise
 
     def _add_video_stream(self, codec: str, crf: int | None, fps: Fraction) -> av.video.stream.VideoStream:
@@ -227,7 +230,8 @@ class VideoWriter:
             self._audio_in.close()
         os.replace(self._tmp, self.path)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Close everything and delete the temporary file (``path`` is left untouched)."""
         for container in (self._out, getattr(self, "_audio_in", None)):
             if container is not None:
                 try:
@@ -241,12 +245,12 @@ class VideoWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self._abort()
+            self.abort()
             return
         try:
             self.close()
         except BaseException:
-            self._abort()
+            self.abort()
             raise
 
 
@@ -290,3 +294,61 @@ def write_synthetic_clip(path: str | Path, *, frames: int, width: int, height: i
                 out.mux(tone.encode(frame))
             out.mux(tone.encode(None))
     return path
+
+
+class FileSource:
+    """
+    A video file as a re-readable :class:`star_core.frames.FrameSource` (decoded window by window with PyAV).
+
+    Parameters:
+        path: the video file (probed at once: a missing or unreadable file raises here).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.video = probe_video(path)
+        self.info = SourceInfo(self.video.frame_count, self.video.height, self.video.width, self.video.fps,
+                               self.video.path.name)
+
+    def windows(self, size: int) -> Iterator[torch.Tensor]:
+        for window in read_frames(self.video.path, size):
+            yield torch.from_numpy(window).to(torch.float32).div_(255)
+
+
+class VideoFileSink:
+    """
+    A :class:`star_core.frames.FrameSink` that encodes the frames into a video file with `VideoWriter` (official
+    uint8 truncation, audio remuxed, written atomically: an aborted run leaves no file).
+
+    Parameters:
+        path: output file.
+        codec, crf: see `VideoWriter`.
+        audio_from: a file whose audio is copied alongside, or None.
+    """
+
+    def __init__(self, path: str | Path, *, codec: str = "h264", crf: int | None = None,
+                 audio_from: str | Path | None = None) -> None:
+        self.path, self.codec, self.crf, self.audio_from = Path(path), codec, crf, audio_from
+        self._writer: VideoWriter | None = None
+
+    def begin(self, geometry, fps) -> None:
+        height, width = geometry.target_size
+        self._writer = VideoWriter(self.path, width, height, fps or 24, codec=self.codec, crf=self.crf,
+                                   audio_from=self.audio_from)
+
+    def write(self, frames) -> None:
+        assert self._writer is not None, "begin() first"
+        self._writer.write(to_uint8(frames).cpu().numpy())
+
+    def finish(self) -> None:
+        assert self._writer is not None, "begin() first"
+        writer, self._writer = self._writer, None
+        try:
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None

@@ -133,9 +133,10 @@ def test_full_graph_gives_target_size_and_frame_count(nodes, loaded, lr_frames):
     assert fixed.shape == images.shape
     # per-frame statistics now follow the LR frames (AdaIN): means match to float precision
     assert torch.allclose(fixed.mean(dim=(1, 2)), lr_frames.mean(dim=(1, 2)), atol=2e-2)
-    # progress: encoded frames, one update per network call (2 steps × cond/uncond), then decode up to done
-    assert comfy.utils.updates[:6] == [(1, 2), (2, 2), (1, 4), (2, 4), (3, 4), (4, 4)]
-    assert len(comfy.utils.updates) > 6 and comfy.utils.updates[-1][0] == comfy.utils.updates[-1][1]
+    # progress: encoded frames; the sampler's calls done before each network call (2 steps × cond/uncond) and
+    # after each solver step; then decode up to done
+    assert comfy.utils.updates[:8] == [(1, 2), (2, 2), (0, 4), (1, 4), (2, 4), (2, 4), (3, 4), (4, 4)]
+    assert len(comfy.utils.updates) > 8 and comfy.utils.updates[-1][0] == comfy.utils.updates[-1][1]
 
 
 def test_text_encode_cuts_to_one_window_and_builds_the_caption(nodes):

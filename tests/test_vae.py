@@ -161,8 +161,8 @@ def test_missing_keys_are_reported(random_model: AutoencoderKLTemporalDecoder, t
 # --- tiling and windows ------------------------------------------------------------------------------------------
 
 def test_blending_is_exact_for_local_functions() -> None:
-    """With a per-pixel, per-frame network the tiled, windowed result must equal the untiled one: the feather
-    weights are a partition of unity, so any deviation of a real VAE comes from its non-local layers."""
+    """With a per-pixel, per-frame network the tiled, windowed result must equal the untiled one: the blend
+    divides by the weight sum, so any deviation of a real VAE comes from its non-local layers."""
     latent = torch.randn(1, 4, 7, 13, 11)
 
     def decode_fn(z: torch.Tensor, n: int) -> torch.Tensor:
@@ -236,8 +236,8 @@ def test_overlapping_windows_blend(random_model: AutoencoderKLTemporalDecoder) -
     blended = vae.decode(latent, window=4, window_overlap=2)  # windows (0,4), (2,6)
     torch.testing.assert_close(blended[:2], first[:2], rtol=0, atol=0)
     torch.testing.assert_close(blended[4:], last[2:], rtol=0, atol=0)
-    torch.testing.assert_close(blended[2], 0.75 * first[2] + 0.25 * last[0], rtol=0, atol=1e-6)
-    torch.testing.assert_close(blended[3], 0.25 * first[3] + 0.75 * last[1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(blended[2], 2 / 3 * first[2] + 1 / 3 * last[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(blended[3], 1 / 3 * first[3] + 2 / 3 * last[1], rtol=0, atol=1e-6)
 
 
 def test_one_frame_and_odd_sizes(fixture_vae: SVDVideoVAE) -> None:

@@ -6,7 +6,25 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..tiling import validate_tile
+
+def validate_tile(name: str, tile: int, overlap: int, multiple: int = 8) -> None:
+    """Checks a pixel tile size and overlap; raises ValueError naming the setting and the fix.
+
+    Parameters:
+        name (`str`): the setting's name as the user sees it (e.g. ``"decode tile"``).
+        tile (`int`): tile edge in pixels; a positive multiple of ``multiple``.
+        overlap (`int`): overlap in pixels; a multiple of ``multiple`` with ``0 <= overlap < tile``.
+        multiple (`int`): the VAE's spatial factor (8 for the SVD VAE).
+    """
+    if tile <= 0 or tile % multiple:
+        raise ValueError(f"{name} size {tile} px is invalid: use a positive multiple of {multiple} "
+                         f"(e.g. {max(multiple, round(tile / multiple) * multiple)})")
+    if overlap < 0 or overlap % multiple:
+        raise ValueError(f"{name} overlap {overlap} px is invalid: use a multiple of {multiple} that is >= 0")
+    if overlap >= tile:
+        raise ValueError(f"{name} overlap {overlap} px must be smaller than the tile size {tile} px: "
+                         f"lower the overlap (e.g. {tile // 4 // multiple * multiple}) or enlarge the tile")
+
 
 # Progress/interrupt hook: called after each tile with (tiles done, tiles in total); raising aborts the call.
 ProgressCallback = Callable[[int, int], None]
@@ -21,12 +39,12 @@ class SpatialTiling:
 
     Parameters:
         tile (`int`): tile edge in pixels, a positive multiple of 8.
-        overlap (`int`, *optional*, defaults to 32): pixels shared by neighbouring tiles (multiple of 8,
-            smaller than ``tile``); the tiles are blended with linear feathering across the overlap.
+        overlap (`int`): pixels shared by neighbouring tiles (multiple of 8, smaller than ``tile``); the tiles are
+            blended with linear ramps across the overlap (see `star_core.windows`).
     """
 
     tile: int
-    overlap: int = 32
+    overlap: int
 
     def __post_init__(self) -> None:
         validate_tile("VAE tile", self.tile, self.overlap)
