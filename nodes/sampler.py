@@ -83,5 +83,5 @@ class STARSampler(io.ComfyNode):
         with ctx.scope():
             out = pipeline.sample(model_fn, latent, host.conditioning_context(positive, "positive"),
                                   host.conditioning_context(negative, "negative"), settings, RunNoise(seed), host=ctx)
-        return io.NodeOutput({"samples": host.to_output(out), host.GEOMETRY_KEY: lr_latent[host.GEOMETRY_KEY],
-                              host.SEED_KEY: seed})
+        # the STAR keys (geometry, seed, the source for STAR Decode Video) travel on with the sampled latent
+        return io.NodeOutput(host.star_keys(lr_latent) | {"samples": host.to_output(out)})

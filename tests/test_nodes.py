@@ -92,8 +92,9 @@ def sample(nodes, loaded, lr_latent, **overrides):
 def test_entrypoint_registers_every_node_and_the_star_folder(pack, nodes, models):
     import folder_paths
 
-    assert sorted(nodes) == sorted(["STARModelLoader", "STARVAELoader", "STARTextEncode", "STARLREncode",
-                                    "STARSampler", "STARTiledVAEDecode", "STARColourFix"])
+    assert sorted(nodes) == sorted(["STARModelLoader", "STARVAELoader", "STARTextEncode", "STARUpscale",
+                                    "STARVideoEncode", "STARLREncode", "STARSampler", "STARVideoDecode",
+                                    "STARTiledVAEDecode", "STARColourFix"])
     assert folder_paths.get_folder_paths("STAR") == [str(models / "STAR")]
     assert folder_paths.get_filename_list("STAR") == ["star_tiny.safetensors"]
 

@@ -72,11 +72,14 @@ def test_category_and_official_defaults():
     sampler = _inputs(RECORDED["STARSampler"])
     official = {"solver_mode": "fast", "steps": 15, "cfg": 7.5, "rescale": 0.2, "denoise": 1.0, "chunk_length": 32}
     assert {k: sampler[k][1]["default"] for k in official} == official
-    # one seed per run, on the node that starts it, with the frontend's randomize/fixed control; no other seed
+    # one seed per run, on the node that starts it (LR Encode, Encode Video, or the one-node Upscale), with the
+    # frontend's randomize/fixed control; the sampler reads it from the latent
+    seeds = sorted((node, name) for node, info in RECORDED.items() for name in _inputs(info) if "seed" in name)
+    assert seeds == [("STARLREncode", "seed"), ("STARUpscale", "seed"), ("STARVideoEncode", "seed")]
+    for node, name in seeds:
+        assert _inputs(RECORDED[node])[name][1] | {"tooltip": ""} == {
+            "default": 666, "min": 0, "max": 2**64 - 1, "control_after_generate": True, "tooltip": ""}
     lr_encode = _inputs(RECORDED["STARLREncode"])
-    assert lr_encode["seed"][1]["default"] == 666 and lr_encode["seed"][1]["control_after_generate"] is True
-    assert [(node, name) for node, info in RECORDED.items() for name in _inputs(info) if "seed" in name] == [
-        ("STARLREncode", "seed")]
     assert lr_encode["fps"][1]["default"] == 30.0 and lr_encode["fps"][1]["min"] > 0
     assert _inputs(RECORDED["STARLREncode"])["vae"][0] == "VAE,STAR_VAE"
     assert _inputs(RECORDED["STARTextEncode"])["suffix"][1]["default"] == "official"
