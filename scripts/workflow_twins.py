@@ -73,6 +73,7 @@ TINY_MODELS = {
 INPUT_FILES = {("LoadVideo", "file"), ("VHS_LoadVideo", "video")}
 # A geometry that samples in seconds on a CPU with the tiny models: x2, only the padding the network needs.
 TINY_GEOMETRY = {"scale": 2.0, "padding": "minimal"}
+TINY_GEOMETRY_NODES = {"STARLREncode", "STARVideoEncode", "STARUpscale"}
 # Combos whose options are the host's files: recorded without them (they describe a machine, not a schema).
 FILE_COMBOS = {("STARModelLoader", "ckpt_name"), ("STARVAELoader", "vae_name"), ("CLIPLoader", "clip_name"),
                ("VAELoader", "vae_name"), ("LoadVideo", "file"), ("VHS_LoadVideo", "video")}
@@ -322,7 +323,7 @@ def tiny_models(prompt: Mapping, input_file: str | None = None) -> dict:
         if input_file is not None:
             for name in [n for t, n in INPUT_FILES if t == node_type and n in inputs]:
                 inputs[name] = input_file
-        if node_type == "STARLREncode":
+        if node_type in TINY_GEOMETRY_NODES:
             inputs.update({k: v for k, v in TINY_GEOMETRY.items() if not isinstance(inputs.get(k), list)})
     return out
 

@@ -93,8 +93,7 @@ WORKFLOWS_API = sorted((Path(__file__).parent / "workflows_api").glob("*.json"))
 def test_api_twins_give_every_star_node_valid_inputs(path):
     graph = json.loads(path.read_text())
     star = {nid: node for nid, node in graph.items() if node["class_type"] in RECORDED}
-    assert {n["class_type"] for n in star.values()} >= {"STARModelLoader", "STARTextEncode", "STARLREncode",
-                                                         "STARSampler", "STARTiledVAEDecode", "STARColourFix"}
+    assert "STARModelLoader" in {n["class_type"] for n in star.values()}
     for nid, node in star.items():
         spec = _inputs(RECORDED[node["class_type"]])
         required = set(RECORDED[node["class_type"]]["input"]["required"])

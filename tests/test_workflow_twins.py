@@ -86,7 +86,7 @@ def test_tiny_model_runs_replace_every_model_file(path):
             assert names and set(names) <= tiny_names, node
         if node["class_type"] in ("LoadVideo", "VHS_LoadVideo"):
             assert "clip.mp4" in node["inputs"].values()
-        if node["class_type"] == "STARLREncode":
+        if node["class_type"] in wt.TINY_GEOMETRY_NODES:
             assert (node["inputs"]["scale"], node["inputs"]["padding"]) == (2.0, "minimal")
     with pytest.raises(wt.WorkflowError, match="'mystery.pt', which has no tiny stand-in"):
         wt.tiny_models({"1": {"class_type": "STARModelLoader", "inputs": {"ckpt_name": "mystery.pt"}}})
