@@ -152,6 +152,35 @@ def test_frames_on_request_previews_and_errors(nodes, models, clip, tmp_path, ca
     assert lr["samples"].shape[2] == FRAMES and lr["star_source"][1] is None
 
 
+def test_cli_pipeline_run_and_node_path_give_identical_frames(tmp_path):
+    """One seed, one clip, the same model files: the command line, pipeline.run on a file source and the
+    ComfyUI node path (host stub, contexts from the CLI's own text encoder) write the same frames."""
+    from star_core import cli, pipeline
+    from star_core.text.vocab import fetch_openclip_vocab
+    from star_core.video_io import FileSource, VideoFileSink
+
+    models = tmp_path / "models"
+    cli.write_demo_models(models)
+    clip = write_synthetic_clip(tmp_path / "in.mp4", frames=5, width=WIDTH, height=HEIGHT, fps=24)
+    options = ["upscale", str(clip), "-o", str(tmp_path / "cli.mp4"), "--quiet", "--offline", "--comfy-models",
+               str(models), "--model", str(models / "STAR" / "star_tiny.safetensors"), "--tokenizer",
+               str(fetch_openclip_vocab()), "--scale", "2", "--padding", "minimal", "--solver-mode", "normal",
+               "--steps", "2", "--chunk-len", "8", "--seed", "666", "--threads", "1"]
+    assert cli.main(options) == 0
+    args = cli.build_parser().parse_args(options)
+    spec = cli.spec_from_args(args)
+    components = cli.load_components(args, spec, torch.device("cpu"))
+    pipeline.run(FileSource(str(clip)), VideoFileSink(tmp_path / "run.mp4", audio_from=clip), spec, components)
+    nodes = harness.node_classes(harness.load_pack(models))
+    node_models = stream_run.load_models(nodes) | {"positive": [[components.positive, {}]],
+                                                    "negative": [[components.negative, {}]]}
+    stream_run.run_node_path(nodes, node_models, str(clip), str(tmp_path / "node.mp4"))
+    cli_frames = decoded_frames(tmp_path / "cli.mp4")
+    assert cli_frames.shape == (5, 2 * HEIGHT, 2 * WIDTH, 3)
+    assert np.array_equal(decoded_frames(tmp_path / "run.mp4"), cli_frames)
+    assert np.array_equal(decoded_frames(tmp_path / "node.mp4"), cli_frames)
+
+
 def _peak_rss(models_dir: Path, clip: Path, out: Path) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, str(Path(__file__).parent / "comfy_stub" / "stream_run.py"),
