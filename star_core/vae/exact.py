@@ -1,0 +1,727 @@
+"""Exact spatial tiling of the SVD VAE: tiled encode/decode whose output equals the untiled network.
+
+Independent tiles differ from the whole frame because three kinds of layers see more than a neighbourhood: every
+GroupNorm normalises with statistics of the whole frame (the temporal blocks' norms: of the whole window of frames),
+the mid-block attention attends over the whole frame, and stacked convolutions see further than any fixed overlap
+hides. Here the network is re-expressed as a short program over the diffusers modules (their weights are used as
+they are) that splits it at those non-local layers:
+
+* a `Chain` is a run of local layers (convolutions, with the frame-border zero padding and the encoder's
+  asymmetric down-sampling pad, nearest up-sampling, SiLU, residual adds, the temporal blocks' ``(3,1,1)``
+  convolutions, the spatial/temporal mix) that starts at most with one GroupNorm. It runs tile by tile: each tile
+  computes its non-overlapping *core* of the chain's output from a window of the chain's inputs that carries a halo
+  exactly as wide as the chain's receptive field, derived layer by layer from the kernels, strides, paddings and
+  up-sampling factors (clipped at the frame border, where the network's own zero padding is applied instead);
+* a GroupNorm at the head of a chain uses statistics reduced over the cores of *all* tiles of its input: each
+  tile's per-(frame, group) count, mean and centred sum of squares are merged in float64 (Chan's parallel
+  formula, which keeps the between-tile variance term), over the window's frames for the temporal blocks;
+* an `Attend` step gives the mid-block attention the keys and values of the whole frame (gathered from every
+  tile's core) and queries per tile.
+
+Between steps the outputs of all tiles live in full-frame buffers ("parked" on the device, or on the host when
+the device is short of memory); a tile never recomputes a neighbour's work beyond its one-layer halo, so the
+compute is that of the untiled network plus the halos (a few pixels per tile edge). The device holds one tile's
+window at a time, plus the keys and values of one attention (``2·C·h·w`` numbers). The price: every step reads and
+writes its full-frame activations once, which is a host-device round trip per step when parked on the host.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..tiling import Span, plan_spans
+
+Rect = tuple[Span, Span]  # (rows, columns), half-open
+Park = Literal["auto", "device", "host"]
+PARK_CHOICES = ("auto", "device", "host")
+Tick = Callable[[], None]
+
+# Keys and values of at most this many attention scores are materialised at once (CPU SDPA may build them).
+_SCORES_PER_CHUNK = 1 << 26
+
+
+class UnsupportedLayer(NotImplementedError):
+    """The VAE holds a layer variant the exact tiled executor does not re-express."""
+
+
+def _unsupported(what: str) -> UnsupportedLayer:
+    return UnsupportedLayer(f"exact VAE tiling does not support {what}; use SpatialTiling(..., mode='fast') or no "
+                            "tiling for this VAE")
+
+
+# --- the tile grid ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Non-overlapping tile cores on the latent grid; a value at ``scale`` × the latent resolution scales them.
+
+    Parameters:
+        rows (`list[tuple[int, int]]`): consecutive row spans covering ``range(height)`` of the latent.
+        cols (`list[tuple[int, int]]`): consecutive column spans covering ``range(width)`` of the latent.
+    """
+
+    rows: tuple[Span, ...]
+    cols: tuple[Span, ...]
+
+    @classmethod
+    def plan(cls, height: int, width: int, tile: int) -> "TileGrid":
+        """Cores of ``tile`` latent pixels (the last row/column of tiles may be narrower)."""
+        return cls(tuple(plan_spans(height, tile, 0)), tuple(plan_spans(width, tile, 0)))
+
+    def __len__(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+    def cores(self, scale: int) -> list[Rect]:
+        """The tile cores, row-major, in the coordinates of a value at ``scale`` × the latent resolution."""
+        return [((r0 * scale, r1 * scale), (c0 * scale, c1 * scale)) for r0, r1 in self.rows for c0, c1 in self.cols]
+
+
+# --- local operations ------------------------------------------------------------------------------------------
+
+class _Pointwise:
+    """A layer that maps each spatial position to itself (its tile window is its output window)."""
+
+    def scale(self, scale: int) -> int:
+        return scale
+
+    def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        return size
+
+    def need(self, out: Rect, size: tuple[int, int]) -> Rect:
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class Norm(_Pointwise):
+    """GroupNorm (+ SiLU) with statistics of the whole frame (or window): only ever the first layer of a chain.
+
+    Parameters:
+        module (`nn.GroupNorm`): the norm whose affine parameters and eps are used.
+        window (`bool`): statistics over all frames of the window (the temporal blocks' 5-D GroupNorm) rather
+            than per frame (the spatial layers, which see frames as a batch).
+        act (`bool`): apply SiLU afterwards.
+    """
+
+    module: nn.GroupNorm
+    window: bool = False
+    act: bool = True
+
+    def coefficients(self, moments: "GroupMoments") -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-(frame, channel) ``scale, shift`` (float32 ``[N,C]``): ``norm(x) = x·scale + shift``."""
+        count, mean, m2 = moments.merged() if self.window else (moments.count, moments.mean, moments.m2)
+        rstd = (m2 / count + self.module.eps).rsqrt()
+        per_group = self.module.num_channels // self.module.num_groups
+        rstd, mean = rstd.repeat_interleave(per_group, 1), mean.repeat_interleave(per_group, 1)
+        weight = self.module.weight.detach().double().cpu() if self.module.affine else 1.0
+        bias = self.module.bias.detach().double().cpu() if self.module.affine else 0.0
+        scale = rstd * weight
+        return scale.float(), (bias - mean * scale).float()
+
+    def apply(self, x: torch.Tensor, ctx: "_ChainContext", pad: tuple[int, int, int, int] | None = None
+              ) -> torch.Tensor:
+        """Normalises a window; ``pad`` (F.pad order) writes it into a zero border (the next convolution's)."""
+        scale, shift = (c.to(x.device)[:, :, None, None] for c in ctx.coefficients(self))
+        # like torch.autocast's fp32 GroupNorm: float32 out under autocast, the input dtype otherwise
+        dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if not pad or not any(pad):
+            y = torch.addcmul(shift, x.float(), scale).to(dtype)
+        else:
+            left, right, top, bottom = pad
+            n, c, h, w = x.shape
+            y = x.new_empty((n, c, h + top + bottom, w + left + right), dtype=dtype)
+            for border in (y[:, :, :top], y[:, :, top + h:], y[:, :, :, :left], y[:, :, :, left + w:]):
+                border.zero_()
+            torch.addcmul(shift, x.float(), scale, out=y[:, :, top:top + h, left:left + w])
+        return F.silu(y, inplace=True) if self.act else y  # silu(0) = 0 keeps the border
+
+
+@dataclass(frozen=True, eq=False)
+class Conv:
+    """A 2-D convolution, optionally after nearest up-sampling, zero-padded only at the frame border.
+
+    Parameters:
+        module (`nn.Conv2d`): the convolution (its own symmetric ``padding`` is honoured).
+        extra (`tuple[int, int]`): additional zero padding (before, after) on both axes (Downsample2D pads
+            ``(0, 1)`` when its convolution has no padding).
+        up (`int`): nearest up-sampling factor applied before the convolution (Upsample2D: 2).
+    """
+
+    module: nn.Conv2d
+    extra: tuple[int, int] = (0, 0)
+    up: int = 1
+
+    def __post_init__(self) -> None:
+        m = self.module
+        if tuple(m.dilation) != (1, 1) or m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            raise _unsupported(f"a dilated, grouped, non-zero-padded or 'same'-padded convolution ({m})")
+
+    def _axis(self, axis: int) -> tuple[int, int, int, int]:
+        pad = self.module.padding[axis]
+        return self.module.kernel_size[axis], self.module.stride[axis], pad + self.extra[0], pad + self.extra[1]
+
+    def scale(self, scale: int) -> int:
+        stride = self.module.stride[0]
+        if self.module.stride[0] != self.module.stride[1] or (scale * self.up) % stride:
+            raise _unsupported(f"a convolution with stride {self.module.stride} at relative scale {scale}")
+        return scale * self.up // stride
+
+    def out_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        out = []
+        for axis, length in enumerate(size):
+            kernel, stride, before, after = self._axis(axis)
+            out.append((self.up * length + before + after - kernel) // stride + 1)
+        return out[0], out[1]
+
+    def _wanted(self, span: Span, axis: int) -> Span:
+        """The up-sampled input positions (unclipped; negative or past the end = border padding) for ``span``."""
+        kernel, stride, before, _ = self._axis(axis)
+        return span[0] * stride - before, (span[1] - 1) * stride + kernel - before
+
+    def need(self, out: Rect, size: tuple[int, int]) -> Rect:
+        spans = []
+        for axis in range(2):
+            lo, hi = self._wanted(out[axis], axis)
+            lo, hi = max(lo, 0), min(hi, self.up * size[axis])
+            spans.append((lo // self.up, -(-hi // self.up)))
+        return spans[0], spans[1]
+
+    def border(self, ctx: "_ChainContext") -> tuple[tuple[slice, slice], tuple[int, int, int, int]]:
+        """The crop of the (up-sampled) input window and the frame-border zero padding (F.pad order)."""
+        crop, pad = [], []
+        for axis in range(2):
+            lo, hi = self._wanted(ctx.out_rect[axis], axis)
+            start, length = self.up * ctx.in_rect[axis][0], self.up * ctx.size[axis]
+            clip_lo, clip_hi = max(lo, 0), min(hi, length)
+            crop.append(slice(clip_lo - start, clip_hi - start))
+            pad.append((clip_lo - lo, hi - clip_hi))
+        return (crop[0], crop[1]), (*pad[1], *pad[0])
+
+    def apply(self, x: torch.Tensor, ctx: "_ChainContext", padded: bool = False) -> torch.Tensor:
+        """Convolves a window; ``padded``: the window is already exactly the padded input (see `Norm.apply`)."""
+        if not padded:
+            if self.up > 1:
+                x = F.interpolate(x, scale_factor=float(self.up), mode="nearest")
+            crop, pad = self.border(ctx)
+            x = x[:, :, crop[0], crop[1]]
+            if any(pad):
+                x = F.pad(x, pad)
+        return F.conv2d(x, self.module.weight, self.module.bias, self.module.stride)
+
+
+@dataclass(frozen=True, eq=False)
+class TimeConv(_Pointwise):
+    """A ``(k,1,1)`` Conv3d over the window's frames (``[N,C,h,w]`` is treated as one clip ``[1,C,N,h,w]``)."""
+
+    module: nn.Conv3d
+
+    def __post_init__(self) -> None:
+        m = self.module
+        if (tuple(m.kernel_size[1:]) != (1, 1) or tuple(m.stride) != (1, 1, 1) or tuple(m.padding[1:]) != (0, 0)
+                or tuple(m.dilation) != (1, 1, 1) or m.groups != 1 or m.padding_mode != "zeros"):
+            raise _unsupported(f"a Conv3d that is not a (k,1,1) temporal convolution ({m})")
+
+    def apply(self, x: torch.Tensor, ctx: "_ChainContext") -> torch.Tensor:
+        clip = x.transpose(0, 1).unsqueeze(0)
+        out = F.conv3d(clip, self.module.weight, self.module.bias, padding=self.module.padding)
+        return out[0].transpose(0, 1)
+
+
+@dataclass(frozen=True, eq=False)
+class Add(_Pointwise):
+    """Residual: ``(shortcut(value) + x) / rescale`` with an optional 1x1 shortcut convolution."""
+
+    value: str
+    shortcut: nn.Conv2d | None = None
+    rescale: float = 1.0
+
+    def apply(self, x: torch.Tensor, ctx: "_ChainContext") -> torch.Tensor:
+        residual = ctx.fetch(self.value)
+        if self.shortcut is not None:
+            residual = F.conv2d(residual, self.shortcut.weight, self.shortcut.bias)
+        out = residual + x
+        return out / self.rescale if self.rescale != 1.0 else out
+
+
+@dataclass(frozen=True, eq=False)
+class Mix(_Pointwise):
+    """The SVD decoder's `AlphaBlender`: ``alpha·value + (1 - alpha)·x`` (``value`` spatial, ``x`` temporal)."""
+
+    blender: nn.Module
+    value: str
+
+    def apply(self, x: torch.Tensor, ctx: "_ChainContext") -> torch.Tensor:
+        spatial = ctx.fetch(self.value)
+        frames = x.shape[0]
+        indicator = torch.zeros(1, frames, device=x.device, dtype=x.dtype)
+        alpha = self.blender.get_alpha(indicator, 5)
+        if alpha.ndim == 5:  # [1,1,N,1,1] -> [N,1,1,1]
+            alpha = alpha[0].transpose(0, 1)
+        alpha = alpha.to(spatial.dtype)
+        if self.blender.switch_spatial_to_temporal_mix:
+            alpha = 1.0 - alpha
+        return alpha * spatial + (1.0 - alpha) * x
+
+
+LocalOp = Union[Norm, Conv, TimeConv, Add, Mix]
+
+
+# --- the program -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Chain:
+    """Local layers from one parked value to the next; a `Norm` may only come first."""
+
+    out: str
+    source: str
+    ops: tuple[LocalOp, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Attend:
+    """Single-frame self-attention (diffusers `Attention` with group norm and residual), keys of the whole frame."""
+
+    out: str
+    source: str
+    attn: nn.Module
+
+
+Step = Union[Chain, Attend]
+
+
+@dataclass
+class Program:
+    """The network as steps between parked full-frame values.
+
+    Parameters:
+        steps (`list[Step]`): in execution order; value ``"input"`` is the network input.
+        scales (`dict[str, int]`): every value's resolution as a multiple of the latent grid's.
+        groups (`dict[str, int]`): values whose GroupNorm statistics a later step needs → number of groups.
+        output (`str`): the value returned.
+    """
+
+    steps: list[Step]
+    scales: dict[str, int]
+    groups: dict[str, int]
+    output: str
+
+    @property
+    def sweeps(self) -> int:
+        """Passes over all tiles per run (an attention needs two: keys/values, then queries)."""
+        return sum(2 if isinstance(step, Attend) else 1 for step in self.steps)
+
+    def last_use(self) -> dict[str, int]:
+        """Value → index of the last step that reads it."""
+        last: dict[str, int] = {}
+        for index, step in enumerate(self.steps):
+            reads = [step.source]
+            if isinstance(step, Chain):
+                reads += [op.value for op in step.ops if isinstance(op, (Add, Mix))]
+            for name in reads:
+                last[name] = index
+        return last
+
+
+class _Builder:
+    """Appends layers to the chain being built; a GroupNorm or an attention first parks the current value."""
+
+    def __init__(self, input_scale: int) -> None:
+        self.steps: list[Step] = []
+        self.scales = {"input": input_scale}
+        self.groups: dict[str, int] = {}
+        self.current, self.scale = "input", input_scale
+        self.pending: tuple[str, list[LocalOp]] | None = None
+
+    def _name(self) -> str:
+        return f"v{len(self.steps)}"
+
+    def park(self) -> str:
+        """Ends the chain being built; returns the name of the (parked) current value."""
+        if self.pending is not None:
+            source, ops = self.pending
+            name = self._name()
+            self.steps.append(Chain(name, source, tuple(ops)))
+            self.scales[name], self.current, self.pending = self.scale, name, None
+        return self.current
+
+    def local(self, *ops: LocalOp) -> None:
+        for op in ops:
+            if isinstance(op, Norm):
+                self.groups[self.park()] = op.module.num_groups
+            if self.pending is None:
+                self.pending = (self.current, [])
+            self.pending[1].append(op)
+            self.scale = op.scale(self.scale)
+
+    def attend(self, attn: nn.Module) -> None:
+        _check_attention(attn)
+        source = self.park()
+        if attn.group_norm is not None:
+            self.groups[source] = attn.group_norm.num_groups
+        name = self._name()
+        self.steps.append(Attend(name, source, attn))
+        self.scales[name], self.current = self.scale, name
+
+    def program(self) -> Program:
+        return Program(self.steps, self.scales, self.groups, self.park())
+
+
+def _check_silu(module: nn.Module, where: str) -> None:
+    if not isinstance(module, nn.SiLU):
+        raise _unsupported(f"the activation {type(module).__name__} in {where} (only SiLU)")
+
+
+def _check_attention(attn: nn.Module) -> None:
+    if (getattr(attn, "spatial_norm", None) is not None or getattr(attn, "norm_q", None) is not None
+            or getattr(attn, "norm_k", None) is not None or getattr(attn, "add_k_proj", None) is not None
+            or getattr(attn, "is_causal", False) or attn.to_k is None):
+        raise _unsupported("an attention with spatial/query/key norms, added projections or a causal mask")
+
+
+def _resnet2d(b: _Builder, r: nn.Module) -> None:
+    """diffusers `ResnetBlock2D` without time embedding or resampling."""
+    if (r.time_emb_proj is not None or r.upsample is not None or r.downsample is not None
+            or r.time_embedding_norm != "default"):
+        raise _unsupported("a ResnetBlock2D with a time embedding or its own resampling")
+    _check_silu(r.nonlinearity, "a ResnetBlock2D")
+    x = b.park()
+    b.local(Norm(r.norm1), Conv(r.conv1))
+    b.local(Norm(r.norm2), Conv(r.conv2), Add(x, r.conv_shortcut, float(r.output_scale_factor)))
+
+
+def _spatio_temporal(b: _Builder, block: nn.Module) -> None:
+    """diffusers `SpatioTemporalResBlock` without time embedding (the SVD decoder's)."""
+    _resnet2d(b, block.spatial_res_block)
+    spatial = b.park()
+    t = block.temporal_res_block
+    if t.time_emb_proj is not None or t.conv_shortcut is not None:
+        raise _unsupported("a TemporalResnetBlock with a time embedding or a shortcut convolution")
+    _check_silu(t.nonlinearity, "a TemporalResnetBlock")
+    b.local(Norm(t.norm1, window=True), TimeConv(t.conv1))
+    b.local(Norm(t.norm2, window=True), TimeConv(t.conv2), Add(spatial), Mix(block.time_mixer, spatial))
+
+
+def encoder_program(model: nn.Module) -> Program:
+    """The program of ``model.quant_conv(model.encoder(x))`` (diffusers `Encoder` + 1x1 quant conv).
+
+    Parameters:
+        model (`AutoencoderKLTemporalDecoder`): the VAE.
+
+    Returns:
+        `Program`: input ``[1,3,H,W]`` at ``2**(levels-1)`` × the latent resolution, output the moments.
+    """
+    enc = model.encoder
+    levels = len(enc.down_blocks)
+    b = _Builder(2 ** (levels - 1))
+    b.local(Conv(enc.conv_in))
+    for block in enc.down_blocks:
+        if getattr(block, "attentions", None):
+            raise _unsupported(f"the encoder block {type(block).__name__} (attention inside a down block)")
+        for resnet in block.resnets:
+            _resnet2d(b, resnet)
+        for down in block.downsamplers or ():
+            if not down.use_conv or down.norm is not None:
+                raise _unsupported("a Downsample2D without a convolution or with a norm")
+            b.local(Conv(down.conv, extra=(0, 1) if down.padding == 0 else (0, 0)))
+    mid = enc.mid_block
+    _resnet2d(b, mid.resnets[0])
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+        if attn is not None:
+            b.attend(attn)
+        _resnet2d(b, resnet)
+    _check_silu(enc.conv_act, "the encoder output")
+    b.local(Norm(enc.conv_norm_out), Conv(enc.conv_out), Conv(model.quant_conv))
+    return b.program()
+
+
+def decoder_program(model: nn.Module) -> Program:
+    """The program of ``model.decoder`` (diffusers `TemporalDecoder`) on one window of frames.
+
+    Parameters:
+        model (`AutoencoderKLTemporalDecoder`): the VAE.
+
+    Returns:
+        `Program`: input the latent window ``[N,C,h,w]`` (already divided by the scaling factor), output
+        ``[N,3,h·f,w·f]``.
+    """
+    dec = model.decoder
+    b = _Builder(1)
+    b.local(Conv(dec.conv_in))
+    mid = dec.mid_block
+    _spatio_temporal(b, mid.resnets[0])
+    for attn, resnet in zip(mid.attentions, mid.resnets[1:]):
+        b.attend(attn)
+        _spatio_temporal(b, resnet)
+    for block in dec.up_blocks:
+        for resnet in block.resnets:
+            _spatio_temporal(b, resnet)
+        for up in block.upsamplers or ():
+            if not up.use_conv or up.use_conv_transpose or not up.interpolate or up.norm is not None:
+                raise _unsupported("an Upsample2D other than nearest x2 + convolution")
+            b.local(Conv(up.conv, up=2))
+    _check_silu(dec.conv_act, "the decoder output")
+    b.local(Norm(dec.conv_norm_out), Conv(dec.conv_out), TimeConv(dec.time_conv_out))
+    return b.program()
+
+
+# --- statistics ------------------------------------------------------------------------------------------------
+
+@dataclass
+class GroupMoments:
+    """Per-(frame, group) count, mean and centred sum of squares ``m2`` (float64 ``[N,G]`` on the CPU)."""
+
+    count: torch.Tensor
+    mean: torch.Tensor
+    m2: torch.Tensor
+
+    @staticmethod
+    def of(x: torch.Tensor, groups: int) -> "GroupMoments":
+        """Moments of one tile core ``[N,C,h,w]``."""
+        flat = x.float().reshape(x.shape[0], groups, -1)
+        mean = flat.mean(-1, keepdim=True)
+        centred = flat - mean
+        m2 = torch.linalg.vecdot(centred, centred)  # two-pass: no cancellation, and faster than var_mean on CPUs
+        count = torch.full(m2.shape, float(flat.shape[-1]), dtype=torch.float64)
+        return GroupMoments(count, mean[..., 0].double().cpu(), m2.double().cpu())
+
+    def __add__(self, other: "GroupMoments") -> "GroupMoments":
+        """Chan et al.'s pairwise merge: exact, including the between-tile variance term."""
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        return GroupMoments(count, mean, self.m2 + other.m2 + delta.square() * (self.count * other.count / count))
+
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The moments over all frames together, each ``[1,G]``."""
+        total = GroupMoments(self.count[:1], self.mean[:1], self.m2[:1])
+        for n in range(1, self.count.shape[0]):
+            total = total + GroupMoments(self.count[n:n + 1], self.mean[n:n + 1], self.m2[n:n + 1])
+        return total.count, total.mean, total.m2
+
+
+# --- parking ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Parked:
+    """A full-frame value: its buffer (allocated at the first tile), and its GroupNorm moments if needed."""
+
+    scale: int
+    buffer: torch.Tensor | None = None
+    moments: GroupMoments | None = None
+    coefficients: dict = field(default_factory=dict)
+
+
+class _Parking:
+    """Where full-frame buffers live: on the device, on the host, or on the device while it has room (``auto``)."""
+
+    def __init__(self, device: torch.device, park: Park, reserve: int) -> None:
+        if park not in PARK_CHOICES:
+            raise ValueError(f"VAE tiling park={park!r} is invalid: use one of {PARK_CHOICES}")
+        self.device, self.park, self.reserve = device, park, reserve
+        self.host_bytes = self.device_bytes = 0
+
+    def _on_device(self, nbytes: int) -> bool:
+        if self.device.type == "cpu" or self.park == "device":
+            return True
+        if self.park == "host" or self.device.type != "cuda":
+            return self.park != "host" and self.device.type != "cuda"
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return nbytes + self.reserve <= free + cached
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        on_device = self._on_device(nbytes)
+        if on_device:
+            self.device_bytes += nbytes
+        else:
+            self.host_bytes += nbytes
+        return torch.empty(shape, dtype=dtype, device=self.device if on_device else "cpu")
+
+
+# --- execution -------------------------------------------------------------------------------------------------
+
+class _ChainContext:
+    """What a local layer of a chain sees while computing one tile."""
+
+    def __init__(self, run: "_Run", step: Chain) -> None:
+        self.run, self.step = run, step
+        self.in_rect: Rect = ((0, 0), (0, 0))
+        self.out_rect: Rect = ((0, 0), (0, 0))
+        self.size: tuple[int, int] = (0, 0)
+
+    def fetch(self, name: str) -> torch.Tensor:
+        return self.run.fetch(name, self.out_rect, dense=False)
+
+    def coefficients(self, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run.coefficients(self.step.source, norm)
+
+
+class _Run:
+    def __init__(self, program: Program, grid: TileGrid, device: torch.device, parking: _Parking,
+                 tick: Tick | None) -> None:
+        self.program, self.grid, self.device, self.parking, self.tick = program, grid, device, parking, tick
+        self.values: dict[str, _Parked] = {}
+
+    def fetch(self, name: str, rect: Rect, *, dense: bool = True) -> torch.Tensor:
+        """A window of a parked value on the device (a strided view where it is parked there and not ``dense``)."""
+        (y0, y1), (x0, x1) = rect
+        window = self.values[name].buffer[:, :, y0:y1, x0:x1].to(self.device)
+        # contiguous NCHW: torch's CPU GroupNorm/convolutions lose precision or speed on strided windows
+        return window.contiguous() if dense else window
+
+    def coefficients(self, name: str, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
+        value = self.values[name]
+        if norm not in value.coefficients:
+            value.coefficients[norm] = norm.coefficients(value.moments)
+        return value.coefficients[norm]
+
+    def store(self, name: str, rect: Rect, tile: torch.Tensor, full: tuple[int, int]) -> None:
+        value = self.values[name]
+        if value.buffer is None:
+            value.buffer = self.parking.empty((tile.shape[0], tile.shape[1], *full), tile.dtype)
+        (y0, y1), (x0, x1) = rect
+        value.buffer[:, :, y0:y1, x0:x1].copy_(tile)
+        groups = self.program.groups.get(name)
+        if groups is not None:
+            moments = GroupMoments.of(tile, groups)
+            value.moments = moments if value.moments is None else value.moments + moments
+        if self.tick is not None:
+            self.tick()
+
+    def size(self, name: str) -> tuple[int, int]:
+        scale = self.values[name].scale
+        return len_of(self.grid.rows) * scale, len_of(self.grid.cols) * scale
+
+    def chain(self, step: Chain) -> None:
+        sizes = [self.size(step.source)]
+        for op in step.ops:
+            sizes.append(op.out_size(sizes[-1]))
+        scale = self.values[step.out].scale
+        full = (len_of(self.grid.rows) * scale, len_of(self.grid.cols) * scale)
+        if sizes[-1] != full:
+            raise _unsupported(f"a layer sequence that maps {sizes[0]} to {sizes[-1]} instead of {full} "
+                               "(frame sizes must be multiples of the VAE factor)")
+        ctx = _ChainContext(self, step)
+        for core in self.grid.cores(scale):
+            rects = [core]
+            for op, size in zip(reversed(step.ops), reversed(sizes[:-1])):
+                rects.append(op.need(rects[-1], size))
+            rects.reverse()
+            # a leading norm reads the window once and writes a dense result: no copy before it
+            x = self.fetch(step.source, rects[0], dense=not isinstance(step.ops[0], Norm))
+            padded = False
+            for index, op in enumerate(step.ops):
+                ctx.in_rect, ctx.out_rect, ctx.size = rects[index], rects[index + 1], sizes[index]
+                after = step.ops[index + 1] if index + 1 < len(step.ops) else None
+                if isinstance(op, Norm) and isinstance(after, Conv) and after.up == 1:
+                    # the norm writes straight into the convolution's zero-padded input (its window is the
+                    # convolution's whole input window: rects[index + 1] = after.need(rects[index + 2]))
+                    ctx.in_rect, ctx.out_rect, ctx.size = rects[index + 1], rects[index + 2], sizes[index + 1]
+                    x, padded = op.apply(x, ctx, pad=after.border(ctx)[1]), True
+                elif padded:
+                    x, padded = op.apply(x, ctx, padded=True), False
+                else:
+                    x = op.apply(x, ctx)
+            self.store(step.out, core, x, full)
+
+    def attend(self, step: Attend) -> None:
+        attn = step.attn
+        norm = Norm(attn.group_norm, act=False) if attn.group_norm is not None else None
+        scale = self.values[step.source].scale
+        full = (len_of(self.grid.rows) * scale, len_of(self.grid.cols) * scale)
+        cores = self.grid.cores(scale)
+
+        def tokens(x: torch.Tensor) -> torch.Tensor:
+            if norm is not None:
+                x = norm.apply(x, _NormOnly(self, step.source))
+            return x.flatten(2).transpose(1, 2)  # [N, h·w, C]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # [N, heads, L, d]
+
+        keys, values = [], []
+        for core in cores:
+            t = tokens(self.fetch(step.source, core))
+            keys.append(attn.to_k(t))
+            values.append(attn.to_v(t))
+            if self.tick is not None:
+                self.tick()
+        key, value = heads(torch.cat(keys, 1)), heads(torch.cat(values, 1))
+        del keys, values
+        for core in cores:
+            x = self.fetch(step.source, core)
+            query = heads(attn.to_q(tokens(x)))
+            rows = max(1, _SCORES_PER_CHUNK // (query.shape[0] * query.shape[1] * key.shape[2]))
+            out = torch.cat([F.scaled_dot_product_attention(q, key, value, scale=attn.scale)
+                             for q in query.split(rows, dim=2)], 2)
+            out = out.transpose(1, 2).flatten(2).to(query.dtype)
+            out = attn.to_out[1](attn.to_out[0](out))
+            out = out.transpose(1, 2).reshape(x.shape)
+            if attn.residual_connection:
+                out = out + x
+            self.store(step.out, core, out / attn.rescale_output_factor, full)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        self.values["input"] = _Parked(self.program.scales["input"], buffer=x)
+        last_use = self.program.last_use()
+        for index, step in enumerate(self.program.steps):
+            self.values[step.out] = _Parked(self.program.scales[step.out])
+            (self.chain if isinstance(step, Chain) else self.attend)(step)
+            for name in [n for n, last in last_use.items() if last == index]:
+                del self.values[name]
+        return self.values[self.program.output].buffer
+
+
+class _NormOnly:
+    """The context of a `Norm` applied outside a chain (the attention's group norm)."""
+
+    def __init__(self, run: _Run, source: str) -> None:
+        self.run, self.source = run, source
+
+    def coefficients(self, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run.coefficients(self.source, norm)
+
+
+def len_of(spans: tuple[Span, ...]) -> int:
+    """Length of the axis covered by consecutive spans."""
+    return spans[-1][1]
+
+
+def _reserve(program: Program, grid: TileGrid, frames: int, channels: int, itemsize: int) -> int:
+    """Device bytes kept free for one tile's working set in ``park="auto"``: about eight copies of the largest
+    tile window (with a small halo), plus the keys and values of an attention over the whole frame."""
+    rows = max(r1 - r0 for r0, r1 in grid.rows)
+    cols = max(c1 - c0 for c0, c1 in grid.cols)
+    scale = max(program.scales.values())
+    window = (rows * scale + 4) * (cols * scale + 4)
+    latent = len_of(grid.rows) * len_of(grid.cols)
+    return 8 * frames * channels * itemsize * window + 4 * frames * channels * itemsize * latent
+
+
+def run_exact(program: Program, x: torch.Tensor, grid: TileGrid, *, device: torch.device | str,
+              park: Park = "auto", tick: Tick | None = None, widest: int | None = None) -> torch.Tensor:
+    """Runs ``program`` on ``x`` tile by tile, exactly (up to float rounding) as the untiled network.
+
+    Parameters:
+        program (`Program`): from `encoder_program` / `decoder_program`.
+        x (`torch.Tensor`): the input ``[N,C,H,W]`` at ``program.scales["input"]`` × the grid's resolution (on
+            any device; tile windows are copied to ``device``).
+        grid (`TileGrid`): tile cores on the latent grid.
+        device (`torch.device`): where the layers run.
+        park (`str`): ``"device"`` keeps the full-frame activations on ``device``, ``"host"`` in CPU memory
+            (one host-device round trip per step), ``"auto"`` on the device while it keeps room for a tile.
+        tick (`Callable`, *optional*): called after every tile of every sweep (``program.sweeps · len(grid)``
+            calls); raising aborts.
+        widest (`int`, *optional*): the widest layer's channels (for the ``auto`` reserve; default 512).
+
+    Returns:
+        `torch.Tensor`: the program's output ``[N,C',H',W']`` (parked like the activations).
+    """
+    device = torch.device(device)
+    reserve = _reserve(program, grid, x.shape[0], widest or 512, 4)
+    return _Run(program, grid, device, _Parking(device, park, reserve), tick).run(x)
