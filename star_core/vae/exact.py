@@ -34,11 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tiling import Span, plan_spans
+from ..windows import Span, plan_windows
+from .base import PARK_CHOICES
 
 Rect = tuple[Span, Span]  # (rows, columns), half-open
 Park = Literal["auto", "device", "host"]
-PARK_CHOICES = ("auto", "device", "host")
 Tick = Callable[[], None]
 
 # Keys and values of at most this many attention scores are materialised at once (CPU SDPA may build them).
@@ -71,7 +71,7 @@ class TileGrid:
     @classmethod
     def plan(cls, height: int, width: int, tile: int) -> "TileGrid":
         """Cores of ``tile`` latent pixels (the last row/column of tiles may be narrower)."""
-        return cls(tuple(plan_spans(height, tile, 0)), tuple(plan_spans(width, tile, 0)))
+        return cls(plan_windows(height, tile, 0, "cut").spans, plan_windows(width, tile, 0, "cut").spans)
 
     def __len__(self) -> int:
         return len(self.rows) * len(self.cols)
@@ -701,6 +701,20 @@ def _reserve(program: Program, grid: TileGrid, frames: int, channels: int, items
     window = (rows * scale + 4) * (cols * scale + 4)
     latent = len_of(grid.rows) * len_of(grid.cols)
     return 8 * frames * channels * itemsize * window + 4 * frames * channels * itemsize * latent
+
+
+def progress_ticker(callback: Callable[[int, int], None] | None, total: int) -> Tick | None:
+    """A `Tick` that reports ``callback(done, total)`` after each tile step (None without a callback)."""
+    if callback is None:
+        return None
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        callback(done, total)
+
+    return tick
 
 
 def run_exact(program: Program, x: torch.Tensor, grid: TileGrid, *, device: torch.device | str,
