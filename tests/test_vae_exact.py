@@ -1,6 +1,7 @@
 """Exact tiled SVD VAE: tiled encode moments and window decode equal the untiled network (max |Δ| <= 1e-4)."""
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,9 @@ from torch import nn
 
 from star_core.tiny_models import svd_vae_weights
 from star_core.vae import SpatialTiling, SVDVideoVAE, build_vae, load_svd_vae
+from star_core.vae import exact
 from star_core.vae.exact import (Attend, TileGrid, UnsupportedLayer, decoder_program, encoder_program,
-                                 run_exact)
+                                 parking_cost, run_exact)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -162,3 +164,30 @@ def test_options_and_unsupported_layers(deep_vae: SVDVideoVAE) -> None:
     model.encoder.conv_act = nn.GELU()
     with pytest.raises(UnsupportedLayer, match="GELU.*mode='fast'"):
         encoder_program(model)
+
+
+def test_parking_cost_matches_the_buffers_of_a_run(deep_vae: SVDVideoVAE, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`parking_cost` (geometry only) against the buffers a real run allocates and frees."""
+    live, peak = [0], [0]
+    allocate = exact._Parking.empty
+
+    def tracked(self, shape, dtype):
+        buffer = allocate(self, shape, dtype)
+        live[0] += buffer.nbytes
+        peak[0] = max(peak[0], live[0])
+        weakref.finalize(buffer, lambda n=buffer.nbytes: live.__setitem__(0, live[0] - n))
+        return buffer
+
+    monkeypatch.setattr(exact._Parking, "empty", tracked)
+    program, z = decoder_program(deep_vae.model), _latent(5, 6)[0].transpose(0, 1)
+    grid = TileGrid.plan(5, 6, 2)
+    with torch.no_grad():
+        output = run_exact(program, z, grid, device="cpu")
+    cost = parking_cost(program, grid, frames=3)
+    assert cost.parked_peak == peak[0]  # (at full resolution, long after the caller's input was last read)
+    assert live[0] == output.nbytes  # everything else was freed after its last use
+    whole = parking_cost(program, TileGrid.plan(5, 6, 6), frames=3)
+    assert whole.parked_peak == cost.parked_peak  # parking does not depend on the tiles
+    assert whole.traffic < cost.traffic < 1.6 * whole.traffic  # halos: each tile re-reads a thin border
+    assert whole.keys_values == cost.keys_values == 3 * 30 * 2 * 64 * 4  # frames x tokens x (k, v) x width x fp32
+    assert parking_cost(program, grid, frames=3, itemsize=2).traffic * 2 == cost.traffic

@@ -76,6 +76,11 @@ class TileGrid:
     def __len__(self) -> int:
         return len(self.rows) * len(self.cols)
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """The latent frame ``(height, width)`` the cores cover."""
+        return self.rows[-1][1], self.cols[-1][1]
+
     def cores(self, scale: int) -> list[Rect]:
         """The tile cores, row-major, in the coordinates of a value at ``scale`` × the latent resolution."""
         return [((r0 * scale, r1 * scale), (c0 * scale, c1 * scale)) for r0, r1 in self.rows for c0, c1 in self.cols]
@@ -122,10 +127,10 @@ class Norm(_Pointwise):
         scale = rstd * weight
         return scale.float(), (bias - mean * scale).float()
 
-    def apply(self, x: torch.Tensor, ctx: "_ChainContext", pad: tuple[int, int, int, int] | None = None
+    def apply(self, x: torch.Tensor, ctx: "_Context", pad: tuple[int, int, int, int] | None = None
               ) -> torch.Tensor:
         """Normalises a window; ``pad`` (F.pad order) writes it into a zero border (the next convolution's)."""
-        scale, shift = (c.to(x.device)[:, :, None, None] for c in ctx.coefficients(self))
+        scale, shift = (c[:, :, None, None] for c in ctx.coefficients(self))
         # like torch.autocast's fp32 GroupNorm: float32 out under autocast, the input dtype otherwise
         dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
         if not pad or not any(pad):
@@ -190,7 +195,7 @@ class Conv:
             spans.append((lo // self.up, -(-hi // self.up)))
         return spans[0], spans[1]
 
-    def border(self, ctx: "_ChainContext") -> tuple[tuple[slice, slice], tuple[int, int, int, int]]:
+    def border(self, ctx: "_Context") -> tuple[tuple[slice, slice], tuple[int, int, int, int]]:
         """The crop of the (up-sampled) input window and the frame-border zero padding (F.pad order)."""
         crop, pad = [], []
         for axis in range(2):
@@ -201,7 +206,7 @@ class Conv:
             pad.append((clip_lo - lo, hi - clip_hi))
         return (crop[0], crop[1]), (*pad[1], *pad[0])
 
-    def apply(self, x: torch.Tensor, ctx: "_ChainContext", padded: bool = False) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, ctx: "_Context", padded: bool = False) -> torch.Tensor:
         """Convolves a window; ``padded``: the window is already exactly the padded input (see `Norm.apply`)."""
         if not padded:
             if self.up > 1:
@@ -225,7 +230,7 @@ class TimeConv(_Pointwise):
                 or tuple(m.dilation) != (1, 1, 1) or m.groups != 1 or m.padding_mode != "zeros"):
             raise _unsupported(f"a Conv3d that is not a (k,1,1) temporal convolution ({m})")
 
-    def apply(self, x: torch.Tensor, ctx: "_ChainContext") -> torch.Tensor:
+    def apply(self, x: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         clip = x.transpose(0, 1).unsqueeze(0)
         out = F.conv3d(clip, self.module.weight, self.module.bias, padding=self.module.padding)
         return out[0].transpose(0, 1)
@@ -239,7 +244,7 @@ class Add(_Pointwise):
     shortcut: nn.Conv2d | None = None
     rescale: float = 1.0
 
-    def apply(self, x: torch.Tensor, ctx: "_ChainContext") -> torch.Tensor:
+    def apply(self, x: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         residual = ctx.fetch(self.value)
         if self.shortcut is not None:
             residual = F.conv2d(residual, self.shortcut.weight, self.shortcut.bias)
@@ -254,7 +259,7 @@ class Mix(_Pointwise):
     blender: nn.Module
     value: str
 
-    def apply(self, x: torch.Tensor, ctx: "_ChainContext") -> torch.Tensor:
+    def apply(self, x: torch.Tensor, ctx: "_Context") -> torch.Tensor:
         spatial = ctx.fetch(self.value)
         frames = x.shape[0]
         indicator = torch.zeros(1, frames, device=x.device, dtype=x.dtype)
@@ -300,12 +305,14 @@ class Program:
     Parameters:
         steps (`list[Step]`): in execution order; value ``"input"`` is the network input.
         scales (`dict[str, int]`): every value's resolution as a multiple of the latent grid's.
+        channels (`dict[str, int]`): every value's channels.
         groups (`dict[str, int]`): values whose GroupNorm statistics a later step needs → number of groups.
         output (`str`): the value returned.
     """
 
     steps: list[Step]
     scales: dict[str, int]
+    channels: dict[str, int]
     groups: dict[str, int]
     output: str
 
@@ -313,6 +320,21 @@ class Program:
     def sweeps(self) -> int:
         """Passes over all tiles per run (an attention needs two: keys/values, then queries)."""
         return sum(2 if isinstance(step, Attend) else 1 for step in self.steps)
+
+    def size(self, name: str, grid: "TileGrid") -> tuple[int, int]:
+        """A value's full-frame ``(H, W)`` on ``grid``'s frame."""
+        height, width = grid.size
+        return height * self.scales[name], width * self.scales[name]
+
+    def chain_sizes(self, step: "Chain", grid: "TileGrid") -> list[tuple[int, int]]:
+        """The frame size at the input of every layer of ``step``, then at its output."""
+        sizes = [self.size(step.source, grid)]
+        for op in step.ops:
+            sizes.append(op.out_size(sizes[-1]))
+        if sizes[-1] != self.size(step.out, grid):
+            raise _unsupported(f"a layer sequence that maps {sizes[0]} to {sizes[-1]} instead of "
+                               f"{self.size(step.out, grid)} (frame sizes must be multiples of the VAE factor)")
+        return sizes
 
     def last_use(self) -> dict[str, int]:
         """Value → index of the last step that reads it."""
@@ -329,11 +351,11 @@ class Program:
 class _Builder:
     """Appends layers to the chain being built; a GroupNorm or an attention first parks the current value."""
 
-    def __init__(self, input_scale: int) -> None:
+    def __init__(self, input_scale: int, input_channels: int) -> None:
         self.steps: list[Step] = []
-        self.scales = {"input": input_scale}
+        self.scales, self.channels = {"input": input_scale}, {"input": input_channels}
         self.groups: dict[str, int] = {}
-        self.current, self.scale = "input", input_scale
+        self.current, self.scale, self.width = "input", input_scale, input_channels
         self.pending: tuple[str, list[LocalOp]] | None = None
 
     def _name(self) -> str:
@@ -345,7 +367,7 @@ class _Builder:
             source, ops = self.pending
             name = self._name()
             self.steps.append(Chain(name, source, tuple(ops)))
-            self.scales[name], self.current, self.pending = self.scale, name, None
+            self.scales[name], self.channels[name], self.current, self.pending = self.scale, self.width, name, None
         return self.current
 
     def local(self, *ops: LocalOp) -> None:
@@ -356,6 +378,8 @@ class _Builder:
                 self.pending = (self.current, [])
             self.pending[1].append(op)
             self.scale = op.scale(self.scale)
+            if isinstance(op, (Conv, TimeConv)):
+                self.width = op.module.out_channels
 
     def attend(self, attn: nn.Module) -> None:
         _check_attention(attn)
@@ -364,10 +388,11 @@ class _Builder:
             self.groups[source] = attn.group_norm.num_groups
         name = self._name()
         self.steps.append(Attend(name, source, attn))
-        self.scales[name], self.current = self.scale, name
+        self.scales[name], self.channels[name], self.current = self.scale, self.width, name
 
     def program(self) -> Program:
-        return Program(self.steps, self.scales, self.groups, self.park())
+        output = self.park()
+        return Program(self.steps, self.scales, self.channels, self.groups, output)
 
 
 def _check_silu(module: nn.Module, where: str) -> None:
@@ -416,7 +441,7 @@ def encoder_program(model: nn.Module) -> Program:
     """
     enc = model.encoder
     levels = len(enc.down_blocks)
-    b = _Builder(2 ** (levels - 1))
+    b = _Builder(2 ** (levels - 1), enc.conv_in.in_channels)
     b.local(Conv(enc.conv_in))
     for block in enc.down_blocks:
         if getattr(block, "attentions", None):
@@ -449,7 +474,7 @@ def decoder_program(model: nn.Module) -> Program:
         ``[N,3,h·f,w·f]``.
     """
     dec = model.decoder
-    b = _Builder(1)
+    b = _Builder(1, dec.conv_in.in_channels)
     b.local(Conv(dec.conv_in))
     mid = dec.mid_block
     _spatio_temporal(b, mid.resnets[0])
@@ -479,14 +504,23 @@ class GroupMoments:
     m2: torch.Tensor
 
     @staticmethod
-    def of(x: torch.Tensor, groups: int) -> "GroupMoments":
-        """Moments of one tile core ``[N,C,h,w]``."""
+    def of_tile(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tile core's per-(frame, group) ``mean`` and ``m2`` (float32 ``[N,G]``, on the tile's device)."""
         flat = x.float().reshape(x.shape[0], groups, -1)
         mean = flat.mean(-1, keepdim=True)
         centred = flat - mean
-        m2 = torch.linalg.vecdot(centred, centred)  # two-pass: no cancellation, and faster than var_mean on CPUs
-        count = torch.full(m2.shape, float(flat.shape[-1]), dtype=torch.float64)
-        return GroupMoments(count, mean[..., 0].double().cpu(), m2.double().cpu())
+        return mean[..., 0], torch.linalg.vecdot(centred, centred)  # two-pass: no cancellation; fast on CPUs
+
+    @staticmethod
+    def combine(tiles: list[tuple[torch.Tensor, torch.Tensor]], counts: list[int]) -> "GroupMoments":
+        """Merges the tiles' moments in float64 (one device-to-host copy for all of them)."""
+        means = torch.stack([mean for mean, _ in tiles]).double().cpu()
+        m2s = torch.stack([m2 for _, m2 in tiles]).double().cpu()
+        total = None
+        for mean, m2, count in zip(means, m2s, counts):
+            part = GroupMoments(torch.full_like(mean, float(count)), mean, m2)
+            total = part if total is None else total + part
+        return total
 
     def __add__(self, other: "GroupMoments") -> "GroupMoments":
         """Chan et al.'s pairwise merge: exact, including the between-tile variance term."""
@@ -503,6 +537,80 @@ class GroupMoments:
         return total.count, total.mean, total.m2
 
 
+# --- geometry and cost --------------------------------------------------------------------------------------
+
+def chain_rects(step: Chain, sizes: list[tuple[int, int]], core: Rect) -> list[Rect]:
+    """The window every layer of ``step`` reads (then ``core``, what it writes) to compute ``core`` exactly.
+
+    Walks the layers backwards: a convolution widens its output window by its reach (kernel, stride, padding,
+    up-sampling) and clips it at the frame border, where the network's zero padding stands in for the halo.
+    """
+    rects = [core]
+    for op, size in zip(reversed(step.ops), reversed(sizes[:-1])):
+        rects.append(op.need(rects[-1], size))
+    rects.reverse()
+    return rects
+
+
+def _area(rect: Rect) -> int:
+    return (rect[0][1] - rect[0][0]) * (rect[1][1] - rect[1][0])
+
+
+@dataclass(frozen=True)
+class ParkingCost:
+    """Bytes one exact tiled run moves (pure geometry, nothing is computed).
+
+    Parameters:
+        parked_peak (`int`): full-frame values alive at once (where ``park`` keeps them).
+        traffic (`int`): bytes read from and written to parked values over the run: with ``park="host"`` all of
+            it crosses between host and device.
+        tile_peak (`int`): the most one tile reads and writes in one step (the device working set is a few
+            times this).
+        keys_values (`int`): the largest attention's whole-frame keys and values (always on the device).
+    """
+
+    parked_peak: int
+    traffic: int
+    tile_peak: int
+    keys_values: int
+
+
+def parking_cost(program: Program, grid: TileGrid, frames: int, itemsize: int = 4) -> ParkingCost:
+    """What running ``program`` on ``frames`` frames over ``grid`` parks and moves, in bytes of ``itemsize``.
+
+    Parameters:
+        program (`Program`): the network.
+        grid (`TileGrid`): tile cores on the latent grid.
+        frames (`int`): frames per run (the decode window; 1 for the encoder).
+        itemsize (`int`, *optional*, defaults to 4): bytes per activation (2 under fp16/bf16 autocast).
+
+    Returns:
+        `ParkingCost`
+    """
+    def nbytes(name: str, rect: Rect | None = None) -> int:
+        area = _area(rect) if rect is not None else math.prod(program.size(name, grid))
+        return frames * program.channels[name] * area * itemsize
+
+    last_use, live = program.last_use(), {"input"}
+    parked_peak = traffic = tile_peak = keys_values = 0
+    for index, step in enumerate(program.steps):
+        live.add(step.out)
+        parked_peak = max(parked_peak, sum(nbytes(name) for name in live))
+        if isinstance(step, Chain):
+            sizes = program.chain_sizes(step, grid)
+            for core in grid.cores(program.scales[step.out]):
+                rects = chain_rects(step, sizes, core)
+                moved = nbytes(step.source, rects[0]) + nbytes(step.out, core) + sum(
+                    nbytes(op.value, rects[i + 1]) for i, op in enumerate(step.ops) if isinstance(op, (Add, Mix)))
+                traffic, tile_peak = traffic + moved, max(tile_peak, moved)
+        else:
+            traffic += 2 * nbytes(step.source) + nbytes(step.out)  # keys/values sweep, then queries
+            inner = step.attn.to_k.out_features + step.attn.to_v.out_features
+            keys_values = max(keys_values, nbytes(step.source) // program.channels[step.source] * inner)
+        live -= {name for name, last in last_use.items() if last == index}
+    return ParkingCost(parked_peak, traffic, tile_peak, keys_values)
+
+
 # --- parking ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -511,45 +619,47 @@ class _Parked:
 
     scale: int
     buffer: torch.Tensor | None = None
-    moments: GroupMoments | None = None
-    coefficients: dict = field(default_factory=dict)
+    tiles: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per-tile (mean, m2)
+    counts: list[int] = field(default_factory=list)  # elements per group in each tile
+    moments: GroupMoments | None = None  # the tiles' moments merged, once the value is complete
+    coefficients: dict = field(default_factory=dict)  # Norm -> (scale, shift) on the device
 
 
 class _Parking:
-    """Where full-frame buffers live: on the device, on the host, or on the device while it has room (``auto``)."""
+    """Where full-frame buffers live: on the device, on the host, or on the device while it has room (``auto``).
+
+    ``auto`` on CUDA puts a buffer on the device if the free device memory (the driver's, plus what torch's
+    allocator holds unused) still leaves ``reserve`` bytes for a tile's working set; elsewhere on the device.
+    """
 
     def __init__(self, device: torch.device, park: Park, reserve: int) -> None:
         if park not in PARK_CHOICES:
             raise ValueError(f"VAE tiling park={park!r} is invalid: use one of {PARK_CHOICES}")
         self.device, self.park, self.reserve = device, park, reserve
-        self.host_bytes = self.device_bytes = 0
 
     def _on_device(self, nbytes: int) -> bool:
         if self.device.type == "cpu" or self.park == "device":
             return True
-        if self.park == "host" or self.device.type != "cuda":
-            return self.park != "host" and self.device.type != "cuda"
+        if self.park == "host":
+            return False
+        if self.device.type != "cuda":  # no portable free-memory query: keep everything on the device
+            return True
         free, _ = torch.cuda.mem_get_info(self.device)
-        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return nbytes + self.reserve <= free + cached
+        unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return nbytes + self.reserve <= free + unused
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        nbytes = math.prod(shape) * dtype.itemsize
-        on_device = self._on_device(nbytes)
-        if on_device:
-            self.device_bytes += nbytes
-        else:
-            self.host_bytes += nbytes
+        on_device = self._on_device(math.prod(shape) * dtype.itemsize)
         return torch.empty(shape, dtype=dtype, device=self.device if on_device else "cpu")
 
 
 # --- execution -------------------------------------------------------------------------------------------------
 
-class _ChainContext:
-    """What a local layer of a chain sees while computing one tile."""
+class _Context:
+    """What a layer sees while computing one tile: its windows, parked values, and the norm statistics."""
 
-    def __init__(self, run: "_Run", step: Chain) -> None:
-        self.run, self.step = run, step
+    def __init__(self, run: "_Run", source: str) -> None:
+        self.run, self.source = run, source
         self.in_rect: Rect = ((0, 0), (0, 0))
         self.out_rect: Rect = ((0, 0), (0, 0))
         self.size: tuple[int, int] = (0, 0)
@@ -558,7 +668,7 @@ class _ChainContext:
         return self.run.fetch(name, self.out_rect, dense=False)
 
     def coefficients(self, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.run.coefficients(self.step.source, norm)
+        return self.run.coefficients(self.source, norm)
 
 
 class _Run:
@@ -577,41 +687,31 @@ class _Run:
     def coefficients(self, name: str, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
         value = self.values[name]
         if norm not in value.coefficients:
-            value.coefficients[norm] = norm.coefficients(value.moments)
+            if value.moments is None:
+                value.moments = GroupMoments.combine(value.tiles, value.counts)
+                value.tiles.clear()
+            value.coefficients[norm] = tuple(c.to(self.device) for c in norm.coefficients(value.moments))
         return value.coefficients[norm]
 
-    def store(self, name: str, rect: Rect, tile: torch.Tensor, full: tuple[int, int]) -> None:
+    def store(self, name: str, rect: Rect, tile: torch.Tensor) -> None:
         value = self.values[name]
         if value.buffer is None:
+            full = self.program.size(name, self.grid)
             value.buffer = self.parking.empty((tile.shape[0], tile.shape[1], *full), tile.dtype)
         (y0, y1), (x0, x1) = rect
         value.buffer[:, :, y0:y1, x0:x1].copy_(tile)
         groups = self.program.groups.get(name)
-        if groups is not None:
-            moments = GroupMoments.of(tile, groups)
-            value.moments = moments if value.moments is None else value.moments + moments
+        if groups is not None:  # kept on the device: no synchronisation per tile
+            value.tiles.append(GroupMoments.of_tile(tile, groups))
+            value.counts.append(tile[0].numel() // groups)
         if self.tick is not None:
             self.tick()
 
-    def size(self, name: str) -> tuple[int, int]:
-        scale = self.values[name].scale
-        return len_of(self.grid.rows) * scale, len_of(self.grid.cols) * scale
-
     def chain(self, step: Chain) -> None:
-        sizes = [self.size(step.source)]
-        for op in step.ops:
-            sizes.append(op.out_size(sizes[-1]))
-        scale = self.values[step.out].scale
-        full = (len_of(self.grid.rows) * scale, len_of(self.grid.cols) * scale)
-        if sizes[-1] != full:
-            raise _unsupported(f"a layer sequence that maps {sizes[0]} to {sizes[-1]} instead of {full} "
-                               "(frame sizes must be multiples of the VAE factor)")
-        ctx = _ChainContext(self, step)
-        for core in self.grid.cores(scale):
-            rects = [core]
-            for op, size in zip(reversed(step.ops), reversed(sizes[:-1])):
-                rects.append(op.need(rects[-1], size))
-            rects.reverse()
+        sizes = self.program.chain_sizes(step, self.grid)
+        ctx = _Context(self, step.source)
+        for core in self.grid.cores(self.program.scales[step.out]):
+            rects = chain_rects(step, sizes, core)
             # a leading norm reads the window once and writes a dense result: no copy before it
             x = self.fetch(step.source, rects[0], dense=not isinstance(step.ops[0], Norm))
             padded = False
@@ -627,25 +727,24 @@ class _Run:
                     x, padded = op.apply(x, ctx, padded=True), False
                 else:
                     x = op.apply(x, ctx)
-            self.store(step.out, core, x, full)
+            self.store(step.out, core, x)
 
     def attend(self, step: Attend) -> None:
         attn = step.attn
         norm = Norm(attn.group_norm, act=False) if attn.group_norm is not None else None
-        scale = self.values[step.source].scale
-        full = (len_of(self.grid.rows) * scale, len_of(self.grid.cols) * scale)
-        cores = self.grid.cores(scale)
+        cores = self.grid.cores(self.program.scales[step.source])
+        ctx = _Context(self, step.source)
 
         def tokens(x: torch.Tensor) -> torch.Tensor:
             if norm is not None:
-                x = norm.apply(x, _NormOnly(self, step.source))
+                x = norm.apply(x, ctx)
             return x.flatten(2).transpose(1, 2)  # [N, h·w, C]
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)  # [N, heads, L, d]
 
         keys, values = [], []
-        for core in cores:
+        for core in cores:  # keys and values of the whole frame, gathered from the cores
             t = tokens(self.fetch(step.source, core))
             keys.append(attn.to_k(t))
             values.append(attn.to_v(t))
@@ -653,7 +752,7 @@ class _Run:
                 self.tick()
         key, value = heads(torch.cat(keys, 1)), heads(torch.cat(values, 1))
         del keys, values
-        for core in cores:
+        for core in cores:  # queries per tile
             x = self.fetch(step.source, core)
             query = heads(attn.to_q(tokens(x)))
             rows = max(1, _SCORES_PER_CHUNK // (query.shape[0] * query.shape[1] * key.shape[2]))
@@ -664,7 +763,7 @@ class _Run:
             out = out.transpose(1, 2).reshape(x.shape)
             if attn.residual_connection:
                 out = out + x
-            self.store(step.out, core, out / attn.rescale_output_factor, full)
+            self.store(step.out, core, out / attn.rescale_output_factor)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         self.values["input"] = _Parked(self.program.scales["input"], buffer=x)
@@ -675,32 +774,6 @@ class _Run:
             for name in [n for n, last in last_use.items() if last == index]:
                 del self.values[name]
         return self.values[self.program.output].buffer
-
-
-class _NormOnly:
-    """The context of a `Norm` applied outside a chain (the attention's group norm)."""
-
-    def __init__(self, run: _Run, source: str) -> None:
-        self.run, self.source = run, source
-
-    def coefficients(self, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.run.coefficients(self.source, norm)
-
-
-def len_of(spans: tuple[Span, ...]) -> int:
-    """Length of the axis covered by consecutive spans."""
-    return spans[-1][1]
-
-
-def _reserve(program: Program, grid: TileGrid, frames: int, channels: int, itemsize: int) -> int:
-    """Device bytes kept free for one tile's working set in ``park="auto"``: about eight copies of the largest
-    tile window (with a small halo), plus the keys and values of an attention over the whole frame."""
-    rows = max(r1 - r0 for r0, r1 in grid.rows)
-    cols = max(c1 - c0 for c0, c1 in grid.cols)
-    scale = max(program.scales.values())
-    window = (rows * scale + 4) * (cols * scale + 4)
-    latent = len_of(grid.rows) * len_of(grid.cols)
-    return 8 * frames * channels * itemsize * window + 4 * frames * channels * itemsize * latent
 
 
 def progress_ticker(callback: Callable[[int, int], None] | None, total: int) -> Tick | None:
@@ -718,7 +791,7 @@ def progress_ticker(callback: Callable[[int, int], None] | None, total: int) -> 
 
 
 def run_exact(program: Program, x: torch.Tensor, grid: TileGrid, *, device: torch.device | str,
-              park: Park = "auto", tick: Tick | None = None, widest: int | None = None) -> torch.Tensor:
+              park: Park = "auto", tick: Tick | None = None) -> torch.Tensor:
     """Runs ``program`` on ``x`` tile by tile, exactly (up to float rounding) as the untiled network.
 
     Parameters:
@@ -728,14 +801,17 @@ def run_exact(program: Program, x: torch.Tensor, grid: TileGrid, *, device: torc
         grid (`TileGrid`): tile cores on the latent grid.
         device (`torch.device`): where the layers run.
         park (`str`): ``"device"`` keeps the full-frame activations on ``device``, ``"host"`` in CPU memory
-            (one host-device round trip per step), ``"auto"`` on the device while it keeps room for a tile.
+            (`parking_cost` says how many bytes then cross), ``"auto"`` on the device while it keeps room for a
+            tile's working set.
         tick (`Callable`, *optional*): called after every tile of every sweep (``program.sweeps · len(grid)``
             calls); raising aborts.
-        widest (`int`, *optional*): the widest layer's channels (for the ``auto`` reserve; default 512).
 
     Returns:
         `torch.Tensor`: the program's output ``[N,C',H',W']`` (parked like the activations).
     """
     device = torch.device(device)
-    reserve = _reserve(program, grid, x.shape[0], widest or 512, 4)
+    reserve = 0
+    if park == "auto" and device.type == "cuda":
+        cost = parking_cost(program, grid, x.shape[0], x.element_size())
+        reserve = 4 * cost.tile_peak + cost.keys_values
     return _Run(program, grid, device, _Parking(device, park, reserve), tick).run(x)

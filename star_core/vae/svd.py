@@ -76,9 +76,7 @@ class SVDVideoVAE:
 
     def _exact(self, part: str, x: torch.Tensor, grid: TileGrid, tiling: SpatialTiling,
                tick: Tick | None) -> torch.Tensor:
-        widest = max(self.model.config.block_out_channels)
-        return run_exact(self._program(part), x, grid, device=self.device, park=tiling.park, tick=tick,
-                         widest=widest)
+        return run_exact(self._program(part), x, grid, device=self.device, park=tiling.park, tick=tick)
 
     def _exact_moments_fn(self, height: int, width: int, count: int, tiling: SpatialTiling,
                           callback: ProgressCallback | None) -> MomentsFn | None:
