@@ -9,7 +9,8 @@ Usage::
 
     flock /tmp/star_heavy.lock .venv/bin/python bench/vae_tiling.py [--size 512] [--tile 256] [--parts encode decode]
 
-The exact and fast runs use the same number of tiles: fast tiles are ``tile + overlap`` wide.
+The exact and fast runs use the same number of tiles: fast tiles are ``tile + overlap`` wide. A last table gives,
+from the geometry alone, what exact tiling parks and moves at larger frames (``--cost-only`` prints just that).
 """
 from __future__ import annotations
 
@@ -88,6 +89,34 @@ def worker(part: str, mode: str, size: int, frames: int, tile: int, overlap: int
             "peak_mib": peak}
 
 
+def cost_table(sizes: list[str], tile: int, frames: int) -> None:
+    """Geometry only (the model is built on the meta device): what exact tiling parks and moves per call."""
+    import torch
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from star_core.vae.exact import TileGrid, decoder_program, encoder_program, parking_cost
+
+    with torch.device("meta"):
+        model = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * len(WIDTHS),
+                                             block_out_channels=WIDTHS, layers_per_block=LAYERS)
+    programs = {"encode": (encoder_program(model), 1), "decode": (decoder_program(model), frames)}
+    print(f"\nExact tiling, what parking costs (geometry of the released architecture, tile {tile} px, encode 1 "
+          f"frame, decode {frames} frames; fp32 / fp16-autocast bytes; transfer at 25 GB/s ≈ PCIe 4.0 x16 pinned, "
+          "pageable memory is slower):")
+    print("| part | frame | tiles | parked peak (GiB) | host↔device traffic with park=host (GiB) | transfer time "
+          "(s) | largest tile step (MiB) | attention keys+values (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in sizes:
+        height, width = (int(v) for v in size.split("x"))
+        grid = TileGrid.plan(-(-height // 8), -(-width // 8), tile // 8)
+        for part, (program, count) in programs.items():
+            full, half = parking_cost(program, grid, count, 4), parking_cost(program, grid, count, 2)
+            print(f"| {part} | {height}×{width} | {len(grid)} | {full.parked_peak / 2**30:.2f} / "
+                  f"{half.parked_peak / 2**30:.2f} | {full.traffic / 2**30:.1f} / {half.traffic / 2**30:.1f} | "
+                  f"{full.traffic / 25e9:.1f} / {half.traffic / 25e9:.1f} | {full.tile_peak / 2**20:.0f} | "
+                  f"{full.keys_values / 2**20:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="frame edge in pixels (encode input, decode output)")
@@ -100,6 +129,10 @@ def main() -> None:
                         choices=("untiled", "fast", "exact"))
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--work", default=None, help="folder for the outputs (default: a temporary folder)")
+    parser.add_argument("--cost-sizes", nargs="*", default=["512x512", "1088x1920", "2160x3840"],
+                        help="frames (HxW) for the parking-cost table (geometry only; none to skip)")
+    parser.add_argument("--cost-tile", type=int, default=512, help="tile edge for the parking-cost table")
+    parser.add_argument("--cost-only", action="store_true", help="print the parking-cost table only")
     parser.add_argument("--worker", nargs=3, metavar=("PART", "MODE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -108,6 +141,9 @@ def main() -> None:
                                 args.threads, out)))
         return
 
+    if args.cost_only:
+        cost_table(args.cost_sizes, args.cost_tile, args.frames)
+        return
     from safetensors.torch import load_file
 
     from star_core.tiling import plan_spans
@@ -149,6 +185,8 @@ def main() -> None:
                   f"{result['peak_mib']:.0f} | {result['peak_mib'] - result['baseline_mib']:.0f} | {delta} |",
                   flush=True)
     print(f"(outputs in {work})")
+    if args.cost_sizes:
+        cost_table(args.cost_sizes, args.cost_tile, args.frames)
 
 
 if __name__ == "__main__":
