@@ -277,4 +277,4 @@ def test_bad_inputs(fixture_vae: SVDVideoVAE, fixture_io: dict) -> None:
     with pytest.raises(ValueError, match="multiple of 8"):
         SpatialTiling(100, 16)
     with pytest.raises(ValueError, match="smaller than the tile"):
-        SpatialTiling(64, 64)
+        SpatialTiling(64, 64, "fast")

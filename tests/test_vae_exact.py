@@ -153,6 +153,9 @@ def test_interrupt_aborts_between_tiles(fixture_vae: SVDVideoVAE) -> None:
 
 def test_options_and_unsupported_layers(deep_vae: SVDVideoVAE) -> None:
     assert SpatialTiling(64).mode == "exact" and SpatialTiling(64).park == "auto"  # exact is the default
+    assert SpatialTiling(8).overlap == 32  # exact tiles ignore the overlap (fast ones need it below the tile)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        SpatialTiling(12)
     with pytest.raises(ValueError, match="mode 'blend' is invalid: use 'exact'"):
         SpatialTiling(64, mode="blend")
     with pytest.raises(ValueError, match="park='gpu' is invalid: use 'auto', 'device' or 'host'"):

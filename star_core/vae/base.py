@@ -62,7 +62,8 @@ class SpatialTiling:
     park: str = "auto"
 
     def __post_init__(self) -> None:
-        validate_tile("VAE tile", self.tile, self.overlap)
+        # exact tiles do not overlap (their halos follow from the network): the overlap matters to fast tiles only
+        validate_tile("VAE tile", self.tile, self.overlap if self.mode == "fast" else 0)
         if self.mode not in TILING_MODES:
             raise ValueError(f"VAE tiling mode {self.mode!r} is invalid: use 'exact' (equals untiled) or 'fast' "
                              "(independent feathered tiles)")
