@@ -19,10 +19,11 @@ they are) that splits it at those non-local layers:
   tile's core) and queries per tile.
 
 Between steps the outputs of all tiles live in full-frame buffers ("parked" on the device, or on the host when
-the device is short of memory); a tile never recomputes a neighbour's work beyond its one-layer halo, so the
-compute is that of the untiled network plus the halos (a few pixels per tile edge). The device holds one tile's
-window at a time, plus the keys and values of one attention (``2·C·h·w`` numbers). The price: every step reads and
-writes its full-frame activations once, which is a host-device round trip per step when parked on the host.
+the device is short of memory); a tile never recomputes a neighbour's work beyond its halo of a layer or two, so
+the compute is that of the untiled network plus the halos (a few pixels per tile edge). Besides the parked values
+the device holds one tile's working set at a time, plus the keys and values of one attention (``2·C·h·w``
+numbers). The price: every step reads and writes its full-frame values once, which is a host-device round trip
+per step for values parked on the host (`parking_cost` counts the bytes).
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ Rect = tuple[Span, Span]  # (rows, columns), half-open
 Park = Literal["auto", "device", "host"]
 Tick = Callable[[], None]
 
-# Keys and values of at most this many attention scores are materialised at once (CPU SDPA may build them).
+# Queries are split so that at most this many attention scores exist at once (CPU SDPA may build the matrix).
 _SCORES_PER_CHUNK = 1 << 26
 
 
@@ -61,8 +62,8 @@ class TileGrid:
     """Non-overlapping tile cores on the latent grid; a value at ``scale`` × the latent resolution scales them.
 
     Parameters:
-        rows (`list[tuple[int, int]]`): consecutive row spans covering ``range(height)`` of the latent.
-        cols (`list[tuple[int, int]]`): consecutive column spans covering ``range(width)`` of the latent.
+        rows (`tuple[tuple[int, int], ...]`): consecutive row spans covering ``range(height)`` of the latent.
+        cols (`tuple[tuple[int, int], ...]`): consecutive column spans covering ``range(width)`` of the latent.
     """
 
     rows: tuple[Span, ...]
@@ -122,8 +123,8 @@ class Norm(_Pointwise):
         rstd = (m2 / count + self.module.eps).rsqrt()
         per_group = self.module.num_channels // self.module.num_groups
         rstd, mean = rstd.repeat_interleave(per_group, 1), mean.repeat_interleave(per_group, 1)
-        weight = self.module.weight.detach().double().cpu() if self.module.affine else 1.0
-        bias = self.module.bias.detach().double().cpu() if self.module.affine else 0.0
+        weight = self.module.weight.detach().cpu().double() if self.module.affine else 1.0
+        bias = self.module.bias.detach().cpu().double() if self.module.affine else 0.0
         scale = rstd * weight
         return scale.float(), (bias - mean * scale).float()
 
@@ -514,8 +515,8 @@ class GroupMoments:
     @staticmethod
     def combine(tiles: list[tuple[torch.Tensor, torch.Tensor]], counts: list[int]) -> "GroupMoments":
         """Merges the tiles' moments in float64 (one device-to-host copy for all of them)."""
-        means = torch.stack([mean for mean, _ in tiles]).double().cpu()
-        m2s = torch.stack([m2 for _, m2 in tiles]).double().cpu()
+        means = torch.stack([mean for mean, _ in tiles]).cpu().double()
+        m2s = torch.stack([m2 for _, m2 in tiles]).cpu().double()
         total = None
         for mean, m2, count in zip(means, m2s, counts):
             part = GroupMoments(torch.full_like(mean, float(count)), mean, m2)
