@@ -194,3 +194,16 @@ def test_parking_cost_matches_the_buffers_of_a_run(deep_vae: SVDVideoVAE, monkey
     assert whole.traffic < cost.traffic < 1.6 * whole.traffic  # halos: each tile re-reads a thin border
     assert whole.keys_values == cost.keys_values == 3 * 30 * 2 * 64 * 4  # frames x tokens x (k, v) x width x fp32
     assert parking_cost(program, grid, frames=3, itemsize=2).traffic * 2 == cost.traffic
+
+
+def test_exact_tiles_under_low_precision_autocast(fixtures_dir: Path, fixture_vae: SVDVideoVAE) -> None:
+    """Under bf16 autocast (the GPU decode's mode) the exact tiles park bf16 activations and normalise in fp32,
+    like torch's autocast GroupNorm: they stay within bf16 rounding of the untiled autocast decode."""
+    vae = load_svd_vae(fixtures_dir / "vae_tiny.safetensors", config=fixtures_dir / "vae_tiny_config.json",
+                       decode_autocast=torch.bfloat16)
+    latent = _latent(4, 6, frames=2)
+    untiled, tiled = vae.decode(latent), vae.decode(latent, tiling=SpatialTiling(16, 0))
+    assert tiled.dtype == torch.float32
+    reference = fixture_vae.decode(latent)
+    assert (untiled - reference).abs().max() > 1e-3  # autocast did run in bf16
+    assert (tiled - untiled).abs().max() < 0.1 and (tiled - reference).abs().max() < 0.1
