@@ -152,14 +152,16 @@ def test_interrupt_aborts_between_tiles(fixture_vae: SVDVideoVAE) -> None:
 
 
 def test_options_and_unsupported_layers(deep_vae: SVDVideoVAE) -> None:
-    assert SpatialTiling(64).mode == "exact" and SpatialTiling(64).park == "auto"  # exact is the default
-    assert SpatialTiling(8).overlap == 32  # exact tiles ignore the overlap (fast ones need it below the tile)
+    assert SpatialTiling(64, 0).mode == "exact" and SpatialTiling(64, 0).park == "auto"  # exact is the default
+    assert SpatialTiling(8, 32).overlap == 32  # exact tiles ignore the overlap (fast ones need it below the tile)
+    with pytest.raises(ValueError, match="smaller than the tile"):
+        SpatialTiling(8, 32, "fast")
     with pytest.raises(ValueError, match="multiple of 8"):
-        SpatialTiling(12)
+        SpatialTiling(12, 0)
     with pytest.raises(ValueError, match="mode 'blend' is invalid: use 'exact'"):
-        SpatialTiling(64, mode="blend")
+        SpatialTiling(64, 0, mode="blend")
     with pytest.raises(ValueError, match="park='gpu' is invalid: use 'auto', 'device' or 'host'"):
-        SpatialTiling(64, park="gpu")
+        SpatialTiling(64, 0, park="gpu")
     latent = _latent(4, 4)
     assert torch.equal(deep_vae.decode(latent, tiling=SpatialTiling(16, 0, park="host")),
                        deep_vae.decode(latent, tiling=SpatialTiling(16, 0, park="device")))  # both the CPU here
