@@ -146,7 +146,9 @@ def main() -> None:
         return
     from safetensors.torch import load_file
 
-    from star_core.tiling import plan_spans
+    from star_core.vae import SpatialTiling
+    from star_core.vae.exact import TileGrid
+    from star_core.vae.tiled import spatial_grid
 
     work = Path(args.work or tempfile.mkdtemp(prefix="vae_tiling_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -178,9 +180,11 @@ def main() -> None:
                 label, tiles = "none", 1
             elif mode == "fast":
                 tile = args.tile + args.overlap
-                label, tiles = f"fast {tile}/{args.overlap}", len(plan_spans(latent, tile // 8, args.overlap // 8)) ** 2
+                grid = spatial_grid(latent, latent, SpatialTiling(tile, args.overlap, "fast"), 8, (2, 3))
+                label, tiles = f"fast {tile}/{args.overlap}", len(grid)
             else:
-                label, tiles = f"exact {args.tile}, park {args.park}", len(plan_spans(latent, args.tile // 8, 0)) ** 2
+                grid = TileGrid.plan(latent, latent, args.tile // 8)
+                label, tiles = f"exact {args.tile}, park {args.park}", len(grid)
             print(f"| {part} | {label} | {tiles} | {result['steps']} | {result['seconds']:.1f} | {result['cpu']:.1f} | "
                   f"{result['peak_mib']:.0f} | {result['peak_mib'] - result['baseline_mib']:.0f} | {delta} |",
                   flush=True)
