@@ -336,12 +336,13 @@ class VideoWriter:
             flip the picture, or None.
         times: each frame's presentation time (variable frame rate), or None for a constant ``fps``.
         log: receives one-line notes for the user (what was kept or changed); None: the ``star_core`` logger.
+        metadata: container tags (key → text), e.g. ComfyUI's prompt and workflow; MP4/MOV keep custom keys.
     """
 
     def __init__(self, path: str | Path, width: int, height: int, fps: Fraction | float, *, codec: str = "h264",
                  crf: int | None = None, audio_from: str | Path | None = None,
                  display_matrix: tuple[int, ...] | None = None, times: FrameTimes | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, metadata: dict[str, str] | None = None) -> None:
         check_output(codec, crf, (height, width))
         self.path = Path(path)
         self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
@@ -356,9 +357,13 @@ class VideoWriter:
                              "folder") from None
         except OSError as exc:
             raise ValueError(f"cannot create the folder {self.path.parent} ({exc.strerror})") from exc
+        custom_tags = {"movflags": "use_metadata_tags"} if metadata and self.path.suffix.lower() in (".mp4", ".mov") \
+            else {}
         with self._writing():
-            self._out = av.open(str(self._tmp), "w")
+            self._out = av.open(str(self._tmp), "w", options=custom_tags)
         try:
+            for key, value in (metadata or {}).items():
+                self._out.metadata[key] = value
             self._video = self._add_video_stream(codec, crf, Fraction(fps).limit_denominator(1_000_000))
             if display_matrix is not None:
                 self._set_display_matrix(display_matrix)
@@ -583,7 +588,7 @@ class VideoFileSink:
 
     Parameters:
         path: output file (an existing file is replaced, atomically, once the new one is complete).
-        codec, crf: see `VideoWriter`.
+        codec, crf, metadata: see `VideoWriter`.
         audio_from: a file whose audio is copied alongside, or None.
         source: the `FileSource` being upscaled, or None: the output then keeps its rotation metadata and, when
             its frame rate is variable, its frame timestamps (read while it was encoded).
@@ -592,9 +597,9 @@ class VideoFileSink:
 
     def __init__(self, path: str | Path, *, codec: str = "h264", crf: int | None = None,
                  audio_from: str | Path | None = None, source: FileSource | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, metadata: dict[str, str] | None = None) -> None:
         self.path, self.codec, self.crf, self.audio_from = Path(path), codec, crf, audio_from
-        self.source, self.log = source, LOG.info if log is None else log
+        self.source, self.log, self.metadata = source, LOG.info if log is None else log, metadata
         self._writer: VideoWriter | None = None
 
     def _timing(self, frames: int, fps: Fraction) -> FrameTimes | None:
@@ -622,7 +627,8 @@ class VideoFileSink:
             self.log(note)
         self._writer = VideoWriter(self.path, width, height, fps, codec=self.codec, crf=self.crf,
                                    audio_from=self.audio_from, display_matrix=matrix,
-                                   times=self._timing(geometry.frames, fps), log=self.log)
+                                   times=self._timing(geometry.frames, fps), log=self.log,
+                                   metadata=self.metadata)
 
     def write(self, frames) -> None:
         assert self._writer is not None, "begin() first"
