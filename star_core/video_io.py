@@ -611,8 +611,9 @@ class VideoFileSink:
             self.log(f"the frame timestamps of {self.source.info.name} could not be read: written at a constant "
                      f"{float(fps):.3f} fps")
             return None
-        self.log(f"variable frame rate: the output keeps the input's {frames} frame timestamps "
-                 f"(average {float(fps):.3f} fps)")
+        span = float(times.pts[-1] * times.time_base)
+        average = f"{(frames - 1) / span:.3f} fps on average" if span > 0 else "one frame"
+        self.log(f"variable frame rate: the output keeps the input's {frames} frame timestamps ({average})")
         return times
 
     def begin(self, geometry, fps) -> None:

@@ -414,6 +414,22 @@ def test_row09_variable_frame_rate_keeps_the_timestamps(format_batch):
     assert video_stream_facts(out / "gray.mp4")["times"] == pytest.approx([0, 1 / 24, 2 / 24], abs=1e-6)
 
 
+def test_row09_node_video_path_keeps_rotation_timestamps_and_audio(nodes, tmp_path, caplog):
+    """The same through the ComfyUI VIDEO nodes (Load Video → STAR Encode Video → … → Save Video's save_to)."""
+    import logging
+
+    import stream_run
+
+    clip = write_clip(tmp_path / "phone.mkv", frames=5, times_ms=[0, 40, 80, 200, 240], rotation=270)
+    with caplog.at_level(logging.INFO, logger="star_vsr"):
+        stream_run.run_node_path(nodes, stream_run.load_models(nodes), str(clip), str(tmp_path / "out.mp4"))
+    facts = video_stream_facts(tmp_path / "out.mp4")
+    assert facts["rotation"] % 360 == 270 and facts["size"] == (32, 64)
+    assert facts["times"] == pytest.approx([0, 0.04, 0.08, 0.2, 0.24], abs=1e-4)
+    assert audio_codec(tmp_path / "out.mp4") == "aac"
+    assert "variable frame rate: the output keeps the input's 5 frame timestamps" in caplog.text
+
+
 def test_row09_target_size_follows_the_displayed_orientation(tmp_path):
     clip = write_clip(tmp_path / "phone.mp4", rotation=90)  # stored 32 wide x 16 high, shown 16 wide x 32 high
     spec = DEFAULTS.with_options({"output.target": (64, 32)})  # what the user sees: portrait 32x64
