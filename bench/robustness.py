@@ -130,10 +130,10 @@ networks, previous, rows = [], None, [{"run": 0, "checkpoint": "-", "rss_mb": se
 for index, name in enumerate(["star_tiny.safetensors", "star_tiny_b.safetensors"] * 2 + ["star_tiny.safetensors"]):
     (model,) = run(nodes["STARModelLoader"], ckpt_name=name, weight_dtype="auto")
     networks.append(weakref.ref(model.model))
-    lr = run(nodes["STARLREncode"], vae=vae, images=frames, video=None, scale=2.0, target_width=0, target_height=0,
-             padding="minimal", posterior="sample", seed=666, tile=0, tile_overlap=32)[0]
+    lr = run(nodes["STARLREncode"], vae=vae, images=frames, video=None, fps=24.0, scale=2.0, target_width=0,
+             target_height=0, padding="minimal", posterior="sample", seed=666, tile=0, tile_overlap=32)[0]
     (latent,) = run(nodes["STARSampler"], star_model=model, positive=positive, negative=negative, lr_latent=lr,
-                    seed=666, solver_mode="normal", steps=2, cfg=7.5, rescale=0.2, denoise=1.0, chunk_length=4,
+                    solver_mode="normal", steps=2, cfg=7.5, rescale=0.2, denoise=1.0, chunk_length=4,
                     chunk_overlap=-1, fusion="linear")
     (images,) = run(nodes["STARTiledVAEDecode"], samples=latent, vae=vae, tile=0, tile_overlap=64, temporal_window=3,
                     temporal_overlap=0)
