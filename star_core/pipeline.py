@@ -24,7 +24,8 @@ from fractions import Fraction
 import torch
 
 from .colour import ColourMethod, apply_colour_fix
-from .diffusion.star_sampling import ModelFn, SamplerSettings, plan_evaluations, sample_star, solver_sigmas
+from .diffusion.star_sampling import (ModelFn, SamplerSettings, model_passes, network_levels, plan_evaluations,
+                                      sample_star, solver_sigmas)
 from .frames import FrameSink, FrameSource, SourceInfo, TensorSink, TensorSource
 from .geometry import Geometry, PaddingMode, plan_geometry, upscale_and_pad
 from .host import HostContext
@@ -251,7 +252,8 @@ def encode_source(source: FrameSource, geometry: Geometry, vae, spec: RunSpec | 
 def model_function(model: torch.nn.Module) -> ModelFn:
     """
     Wraps a STAR network as the sampler's `model_fn`: inputs are cast to the model's compute dtype and device,
-    the v-prediction comes back in the sampler's dtype (fp32).
+    the v-prediction comes back in the sampler's dtype (fp32). The function carries the network's ``config``, so
+    diffusion tiles follow its size rule (:func:`star_core.diffusion.star_sampling.network_levels`).
 
     Parameters:
         model (`torch.nn.Module`): e.g. :class:`star_core.model.STARUNet`.
@@ -265,6 +267,7 @@ def model_function(model: torch.nn.Module) -> ModelFn:
         v = model(x.to(**cast), t.to(weight.device), context.to(**cast), hint)
         return v.to(device=x.device, dtype=x.dtype)
 
+    model_fn.config = getattr(model, "config", None)  # type: ignore[attr-defined]
     return model_fn
 
 
@@ -306,7 +309,7 @@ def sample(
     latent = latent.to(torch.float32)
     start_noise = noise.diffuse_eps(tuple(latent.shape), device=latent.device)
     brownian = noise.brownian()
-    grid = plan_evaluations(latent.shape, settings)
+    grid = plan_evaluations(latent.shape, settings, network_levels(model_fn))
     calls: list[int] = [0, 1]  # calls done, calls in all (set by the first on_evaluation)
 
     def on_evaluation(done: int, total: int) -> None:
@@ -323,12 +326,18 @@ def sample(
                        brownian=brownian, callback=on_step, on_evaluation=on_evaluation, grid=grid)
 
 
-def model_evaluations(settings: SamplerSettings, latent_shape: tuple[int, ...]) -> int:
-    """Network calls a run makes: solver steps × windows × (2 with CFG, unless batched)."""
-    from .diffusion.star_sampling import model_passes
+def model_evaluations(settings: SamplerSettings, latent_shape: tuple[int, ...], levels: int | None = None) -> int:
+    """Network calls a run makes: solver steps × windows (chunks × tiles) × (2 with CFG, unless batched).
 
+    Parameters:
+        settings (`SamplerSettings`): the sampler options.
+        latent_shape (`tuple[int, ...]`): ``[1,4,F,h,w]``.
+        levels (`int`, *optional*): the network's resolution levels (its tile size rule), see
+            :func:`star_core.diffusion.star_sampling.plan_evaluations`.
+    """
     steps = len(solver_sigmas(settings)) - 1
-    return steps * len(plan_evaluations(latent_shape, settings)) * model_passes(settings.cfg, settings.batch_cfg)
+    return steps * len(plan_evaluations(latent_shape, settings, levels)) * model_passes(settings.cfg,
+                                                                                         settings.batch_cfg)
 
 
 def sample_latent(components: Components, latent: torch.Tensor, spec: RunSpec, *,
