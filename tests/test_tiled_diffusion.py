@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from star_core import cli
 from star_core.diffusion import SamplerSettings, sample_star
 from star_core.diffusion.star_sampling import network_levels, plan_evaluations, tile_cells
 from star_core.model.unet import check_latent_size, latent_size_fits
@@ -172,3 +173,40 @@ def test_tile_settings_errors_name_the_option():
     with pytest.raises(ValueError, match=r"sampler.tile_overlap \(96 px\) must be smaller than the tile height the "
                                          r"network accepts \(80 px for a tile of 120x512 px\)"):
         plan_evaluations((1, 4, 1, 90, 160), settings, 4)
+
+
+def test_cli_flags(tmp_path, capsys):
+    def spec(*flags):
+        return cli.spec_from_args(cli.build_parser().parse_args(["upscale", "in.mp4", "-o", "out.mp4", *flags]))
+
+    assert spec().sampler.tile is None
+    tiled = spec("--diffusion-tile", "512", "--diffusion-tile-overlap", "64", "--diffusion-tile-blend", "hann")
+    assert (tiled.sampler.tile, tiled.sampler.tile_overlap, tiled.sampler.tile_blend) == ((512, 512), 64, "hann")
+    assert spec("--diffusion-tile", "528x1024").sampler.tile == (528, 1024)
+    assert spec("--diffusion-tile", "off").sampler.tile is None
+    with pytest.raises(cli.InputError, match=r"--diffusion-tile-overlap \(64 px\) must be smaller than the tile"):
+        spec("--diffusion-tile", "64", "--diffusion-tile-overlap", "64")
+    with pytest.raises(SystemExit):
+        spec("--diffusion-tile", "big")
+    assert "--diffusion-tile: must be pixels as N, HEIGHTxWIDTH" in capsys.readouterr().err
+
+
+def test_pipeline_run_with_tiles(tiny_model, fixtures_dir):
+    from star_core.host import HostContext
+    from star_core.pipeline import Components, upscale_video
+    from star_core.spec import DEFAULTS
+    from star_core.vae import load_svd_vae
+
+    vae = load_svd_vae(fixtures_dir / "vae_tiny.safetensors", config=fixtures_dir / "vae_tiny_config.json")
+    g = torch.Generator().manual_seed(0)
+    width = tiny_model.config.context_dim
+    parts = Components(tiny_model, vae, torch.randn(1, 77, width, generator=g), torch.randn(1, 77, width, generator=g))
+    frames = torch.rand(3, 10, 14, 3, generator=torch.Generator().manual_seed(1))
+    spec = DEFAULTS.with_options({"output.scale": 2.0, "output.padding": "minimal", "sampler.mode": "normal",
+                                  "sampler.steps": 2, "sampler.tile": (48, 32)})
+    events = []
+    out = upscale_video(frames, spec, parts, HostContext(progress=events.append))
+    assert out.shape == (3, 20, 28, 3) and torch.isfinite(out).all()
+    calls = model_evaluations(spec.sampler, (1, 4, 3, 10, 8), 3)
+    assert calls == 2 * (2 * 3) * 2  # steps x (2 rows of 6 x 3 columns of 4 latent cells) x CFG passes
+    assert [e.done for e in events if e.stage == "sample" and e.step is None] == list(range(calls))

@@ -75,7 +75,7 @@ class SamplerSettings(Section):
                              "faster on GPUs, more memory).")
     tile: tuple[int, int] | None = option(
         None, "Diffusion tile (height, width) in pixels: every model call sees at most this much of the frame, "
-        "rounded down to sizes the network accepts (STAR: heights 16 + 64k, widths 64k). None: whole frames "
+        "rounded down to sizes the network accepts (STAR: heights 16 + 64k, widths 64k px). Unset: whole frames "
         "(official). Smaller tiles need less memory; overlapping tiles are blended.", kind=tuple)
     tile_overlap: int | None = option(None, "Pixels shared by neighbouring diffusion tiles (automatic: a quarter of "
                                       "the tile).", minimum=0, maximum=MAX_TILE, kind=int)
