@@ -210,3 +210,40 @@ def test_pipeline_run_with_tiles(tiny_model, fixtures_dir):
     calls = model_evaluations(spec.sampler, (1, 4, 3, 10, 8), 3)
     assert calls == 2 * (2 * 3) * 2  # steps x (2 rows of 6 x 3 columns of 4 latent cells) x CFG passes
     assert [e.done for e in events if e.stage == "sample" and e.step is None] == list(range(calls))
+
+
+def test_out_of_memory_evaluation_is_repeated_with_smaller_windows():
+    """An injected OOM for windows above 40 latent cells: the evaluation is repeated with the replanned tiles and
+    the run equals one planned with those tiles from the start; other errors propagate untouched."""
+    from star_core.diffusion.star_sampling import Replan
+
+    lr, noise, positive, negative = _inputs((1, 4, 3, 10, 16), 16, seed=4)
+    settings = SamplerSettings(mode="normal", steps=3)
+    tiled = dataclasses.replace(settings, tile=(48, 64), tile_overlap=16)
+
+    def model(x, t, context, hint):
+        if x.shape[3] * x.shape[4] > 48:
+            raise torch.OutOfMemoryError("injected: window too large")
+        return LocalModel()(x, t, context, hint)
+
+    asked = []
+
+    def smaller(grid, error):
+        asked.append((grid.shape, str(error)))
+        return plan_evaluations(lr.shape, tiled)
+
+    replan = Replan(lambda error: isinstance(error, torch.OutOfMemoryError), smaller)
+    seen = []
+    out = sample_star(model, lr, positive, negative, settings, start_noise=noise, brownian=5, replan=replan,
+                      on_evaluation=lambda done, total: seen.append((done, total)))
+    assert asked == [((1, 1, 1), "injected: window too large")]  # once: the smaller plan is kept
+    assert torch.equal(out, sample_star(model, lr, positive, negative, tiled, start_noise=noise, brownian=5))
+    total = 3 * 6 * 2
+    assert seen == [(0, 3 * 2)] + [(k, total) for k in range(total)]
+
+    def broken(x, t, context, hint):
+        raise RuntimeError("not a memory problem")
+
+    with pytest.raises(RuntimeError, match="not a memory problem"):
+        sample_star(broken, lr, positive, negative, settings, start_noise=noise, brownian=5, replan=replan)
+    assert len(asked) == 1

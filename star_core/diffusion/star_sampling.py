@@ -105,6 +105,22 @@ class SamplerSettings(Section):
 EvaluationCallback = Callable[[int, int], None]
 
 
+@dataclass(frozen=True)
+class Replan:
+    """
+    What the denoiser does when an evaluation fails for lack of memory: it asks for smaller windows and evaluates
+    again (the solver state is kept, so finished steps are not lost).
+
+    Parameters:
+        matches (`Callable[[BaseException], bool]`): whether an error means "out of memory" (others propagate).
+        smaller (`Callable[[Grid, BaseException], Grid]`): the next, smaller grid after ``grid`` ran out of memory;
+            raises (e.g. `star_core.memory.NoPlanFits`, chained to the error) when nothing smaller is left.
+    """
+
+    matches: Callable[[BaseException], bool]
+    smaller: Callable[[Grid, BaseException], Grid]
+
+
 def tile_cells(pixels: int, length: int, levels: int | None, axis: str) -> int:
     """
     Latent cells of a diffusion tile on one axis: the largest size of at most ``pixels // 8`` cells that the
@@ -209,26 +225,37 @@ class StarDenoiser:
         on_evaluation (`Callable`, *optional*): ``on_evaluation(done, total)`` before every network call, with
             ``total`` = calls per denoiser evaluation × ``evaluations``; raising stops the run.
         evaluations (`int`): denoiser evaluations the run will make (for ``total``).
+        replan (`Replan`, *optional*): smaller windows after an out-of-memory error; the failed evaluation is
+            repeated with them, and they are kept for the rest of the run.
     """
 
     def __init__(self, model_fn: ModelFn, hint: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                  grid: Grid, cfg: float, rescale: float, batch_cfg: bool = False, *,
-                 on_evaluation: EvaluationCallback | None = None, evaluations: int = 1) -> None:
+                 on_evaluation: EvaluationCallback | None = None, evaluations: int = 1,
+                 replan: Replan | None = None) -> None:
         self.model_fn = model_fn
         self.hint = hint
         self.positive = positive
         self.negative = negative
-        self.grid = grid
-        self.chunks = grid.part([dim for dim in grid.dims if dim not in TILE_DIMS])
-        self.tiles = grid.part(TILE_DIMS)
         self.cfg = cfg
         self.rescale = rescale
         self.batch_cfg = batch_cfg
         self.on_evaluation = on_evaluation
+        self.replan = replan
         self.calls = 0
-        self.total_calls = evaluations * len(grid) * model_passes(cfg, batch_cfg)
+        self.evaluations = evaluations
+        self.evaluated = 0  # evaluations finished
+        self.use_grid(grid)
         self._sigmas_vp = sigmas_vp().to(hint.device)
         self._alphas_vp = alphas_vp().to(hint.device)
+
+    def use_grid(self, grid: Grid) -> None:
+        """Evaluates with ``grid``'s windows from now on (the call total counts the remaining evaluations with it)."""
+        self.grid = grid
+        self.chunks = grid.part([dim for dim in grid.dims if dim not in TILE_DIMS])
+        self.tiles = grid.part(TILE_DIMS)
+        per_evaluation = len(grid) * model_passes(self.cfg, self.batch_cfg)
+        self.total_calls = self.calls + (self.evaluations - self.evaluated) * per_evaluation
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
         if self.on_evaluation is not None:
@@ -268,6 +295,20 @@ class StarDenoiser:
         return self._guide(self.tiles.normalize(cond), None if uncond is None else self.tiles.normalize(uncond))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        while True:
+            start = self.calls
+            try:
+                x0 = self._evaluate(x, sigma)
+                self.evaluated += 1
+                return x0
+            except BaseException as error:
+                if self.replan is None or not self.replan.matches(error):
+                    raise
+                failure = error.with_traceback(None)  # its frames would keep the failed evaluation's tensors
+            self.calls = start  # the repeated evaluation's calls replace the failed one's
+            self.use_grid(self.replan.smaller(self.grid, failure))
+
+    def _evaluate(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         xt = x * c_in(sigma)
         t = model_timestep(sigma, len(xt)).to(x.device)
         shape = (-1,) + (1,) * (xt.ndim - 1)
@@ -306,6 +347,7 @@ def sample_star(
     callback: StepCallback | None = None,
     on_evaluation: EvaluationCallback | None = None,
     grid: Grid | None = None,
+    replan: Replan | None = None,
 ) -> torch.Tensor:
     """STAR's ``sample_sr``: noise the LR latent to ``t_max``, then DPM++(2M) SDE with CFG + rescale and chunking.
 
@@ -321,7 +363,9 @@ def sample_star(
         callback (`Callable`, *optional*): ``callback(step, total, x, x0)`` after every solver step; raise to stop.
         on_evaluation (`Callable`, *optional*): ``on_evaluation(done, total)`` before every network call; raise to
             stop (the run then stops within one network call).
-        grid (`Grid`, *optional*): the windows of one evaluation (default :func:`plan_evaluations`).
+        grid (`Grid`, *optional*): the windows of one evaluation (default :func:`plan_evaluations`, with the size
+            rule of ``model_fn``'s config when it carries one, see :func:`network_levels`).
+        replan (`Replan`, *optional*): smaller windows after an out-of-memory error (see :class:`StarDenoiser`).
 
     Returns:
         `torch.Tensor`: the sampled latent ``[1,4,F,h,w]``.
@@ -343,5 +387,6 @@ def sample_star(
         noise_sampler = InjectedNoiseSampler(brownian)
     grid = plan_evaluations(lr_latent.shape, settings, network_levels(model_fn)) if grid is None else grid
     denoiser = StarDenoiser(model_fn, lr_latent, positive, negative, grid, settings.cfg, settings.rescale,
-                            settings.batch_cfg, on_evaluation=on_evaluation, evaluations=len(sigmas) - 1)
+                            settings.batch_cfg, on_evaluation=on_evaluation, evaluations=len(sigmas) - 1,
+                            replan=replan)
     return sample_dpmpp_2m_sde(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback)
