@@ -73,8 +73,9 @@ SPEC_OPTIONS: dict[str, list[tuple[str, str]]] = {
                 ("--batch-cfg", "sampler.batch_cfg"), ("--diffusion-tile", "sampler.tile"),
                 ("--diffusion-tile-overlap", "sampler.tile_overlap"), ("--diffusion-tile-blend", "sampler.tile_blend")],
     "VAE and colour": [("--posterior", "encode.posterior"), ("--encode-tile", "encode.tile"),
-                       ("--encode-tile-overlap", "encode.tile_overlap"), ("--decode-tile", "decode.tile"),
-                       ("--decode-tile-overlap", "decode.tile_overlap"), ("--decode-window", "decode.window"),
+                       ("--encode-tile-overlap", "encode.tile_overlap"), ("--encode-tile-mode", "encode.tile_mode"),
+                       ("--decode-tile", "decode.tile"), ("--decode-tile-overlap", "decode.tile_overlap"),
+                       ("--decode-tile-mode", "decode.tile_mode"), ("--decode-window", "decode.window"),
                        ("--decode-window-overlap", "decode.window_overlap"), ("--colour-fix", "colour.method"),
                        ("--colour-strength", "colour.strength")],
 }

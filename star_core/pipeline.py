@@ -155,9 +155,9 @@ def encode_prompts(text_encoder, prompt: str = "a good video", *, suffix: str = 
     return embeddings[0:1], embeddings[1:2]
 
 
-def tiling(tile: int | None, overlap: int) -> SpatialTiling | None:
-    """The VAE's spatial tiling for a spec's ``tile``/``tile_overlap`` (None: whole frames)."""
-    return None if tile is None else SpatialTiling(tile, overlap)
+def tiling(tile: int | None, overlap: int, mode: str = "exact") -> SpatialTiling | None:
+    """The VAE's spatial tiling for a spec's ``tile``/``tile_overlap``/``tile_mode`` (None: whole frames)."""
+    return None if tile is None else SpatialTiling(tile, overlap, mode)
 
 
 def _vae_place(vae: VideoVAE) -> tuple[torch.device, torch.dtype]:
@@ -246,7 +246,7 @@ def encode_source(source: FrameSource, geometry: Geometry, vae, spec: RunSpec | 
     noise = RunNoise(seed) if sample_posterior else None
     windows = prepare_windows(source.windows(encode_window(geometry)), geometry)
     return encode_lr(vae, windows, geometry, noise, sample=sample_posterior,
-                     tiles=tiling(spec.tile, spec.tile_overlap), host=host)
+                     tiles=tiling(spec.tile, spec.tile_overlap, spec.tile_mode), host=host)
 
 
 def model_function(model: torch.nn.Module) -> ModelFn:
@@ -365,7 +365,7 @@ def decode_pixels(vae, latent: torch.Tensor, geometry: Geometry, options: Decode
     host = _host(host)
     geometry.check_latent(latent)
     windows = temporal_plan(latent.shape[2], options.window, options.window_overlap)
-    tiles = tiling(options.tile, options.tile_overlap)
+    tiles = tiling(options.tile, options.tile_overlap, options.tile_mode)
     device, dtype = _vae_place(vae)
 
     def decoded() -> Iterator[torch.Tensor]:

@@ -247,3 +247,25 @@ def test_out_of_memory_evaluation_is_repeated_with_smaller_windows():
     with pytest.raises(RuntimeError, match="not a memory problem"):
         sample_star(broken, lr, positive, negative, settings, start_noise=noise, brownian=5, replan=replan)
     assert len(asked) == 1
+
+
+def test_vae_tile_mode_reaches_the_vae(fixtures_dir):
+    """decode.tile_mode from the spec: exact tiles give the untiled decode, fast ones differ."""
+    from star_core.geometry import plan_geometry
+    from star_core.pipeline import decode_pixels
+    from star_core.spec import DEFAULTS
+    from star_core.vae import load_svd_vae
+
+    vae = load_svd_vae(fixtures_dir / "vae_tiny.safetensors", config=fixtures_dir / "vae_tiny_config.json")
+    geometry = plan_geometry(2, 40, 32, scale=2.0, padding="minimal")
+    latent = torch.randn(1, 4, 2, *geometry.latent_size, generator=torch.Generator().manual_seed(5))
+
+    def decoded(**options):
+        spec = DEFAULTS.with_options({f"decode.{k}": v for k, v in options.items()})
+        return torch.cat(list(decode_pixels(vae, latent, geometry, spec.decode)))
+
+    whole = decoded()
+    exact = decoded(tile=32, tile_overlap=16)
+    fast = decoded(tile=32, tile_overlap=16, tile_mode="fast")
+    assert (exact - whole).abs().max().item() <= 1e-4
+    assert (fast - whole).abs().max().item() > 1e-3
