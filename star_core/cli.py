@@ -29,9 +29,9 @@ from .diffusion.schedule import discretized_timesteps, k_sigmas
 from .diffusion.star_sampling import SamplerSettings
 from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .seeds import RunNoise
-from .video_io import CODECS, VideoInfo, VideoWriter, probe_video, read_frames, write_synthetic_clip
+from .train.cli import add_train_parser, run_train
+from .video_io import CODECS, VIDEO_EXTENSIONS, VideoInfo, VideoWriter, probe_video, read_frames, write_synthetic_clip
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
 EXIT_FAILED, EXIT_MODELS_MISSING = 1, 3
 DEMO_FRAMES = 8  # 8 frames of 48x32, x2: small enough for a CPU, long enough to exercise windows and chunks
 READ_BUDGET_BYTES = 256 << 20  # upscaled LR frames held at once by the encode pass
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
     fetch.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
     fetch.add_argument("--offline", action="store_true", help="only check what is present")
+    add_train_parser(commands)
     return parser
 
 
@@ -467,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "download":
             return run_download(args)
+        if args.command == "train":
+            return run_train(args)
         if args.demo_tiny:
             with _demo_setup(args):
                 return run_upscale(args)

@@ -16,6 +16,8 @@ from typing import Iterator
 import av
 import numpy as np
 
+# file extensions treated as videos when a folder is scanned
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
 # name -> (encoder, options, pixel format for even sizes, pixel format for odd sizes)
 CODECS: dict[str, tuple[str, dict[str, str], str, str]] = {
     "h264": ("libx264", {"preset": "slow"}, "yuv420p", "yuv444p"),
