@@ -236,7 +236,7 @@ class ClipDataset(torch.utils.data.Dataset):
             if pair.hq.height < settings.crop[0] or pair.hq.width < settings.crop[1]:
                 raise ValueError(f"clip {pair.hq.path} is {pair.hq.width}x{pair.hq.height}, smaller than the crop "
                                  f"{settings.crop[1]}x{settings.crop[0]} (WxH); lower --crop")
-            factor = lq_factor(pair.hq, pair.lq) if pair.lq is not None else settings.degradation.scale
+            factor = lq_factor(pair.hq, pair.lq) if pair.lq is not None else 1
             if any(c % factor for c in settings.crop):
                 raise ValueError(f"crop {settings.crop[0]}x{settings.crop[1]} is not divisible by the LQ factor "
                                  f"{factor} of {pair.name}; use a crop divisible by {factor * 8}")
