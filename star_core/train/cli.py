@@ -124,12 +124,24 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def stored_dtype(path: Path) -> torch.dtype:
+    """The floating dtype a checkpoint file stores its tensors in, read without loading the tensors."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        with safe_open(str(path), "pt") as handle:
+            kinds = [handle.get_slice(k).get_dtype() for k in handle.keys()]
+        return next((names[k] for k in kinds if k in names), torch.float32)
+    from ..checkpoint import load_state_dict_file  # .pt files are memory-mapped: nothing is read here
+
+    return next((v.dtype for v in load_state_dict_file(path).values() if v.is_floating_point()), torch.float32)
+
+
 def _merge(delta: Path, output: Path) -> Path:
-    from ..checkpoint import load_state_dict_file
     from ..convert import convert_checkpoint
 
-    dtype = next(v.dtype for v in load_state_dict_file(delta).values() if v.is_floating_point())
-    convert_checkpoint(delta, output, dtype)
+    convert_checkpoint(delta, output, stored_dtype(delta))
     return output
 
 
@@ -203,11 +215,7 @@ def run_train(args: argparse.Namespace) -> int:
         frozen = DTYPES[args.frozen_dtype] if args.frozen_dtype != "auto" else (autocast or torch.float32)
         model = load_star_model(models.star, dtype=frozen, compute_dtype=autocast or torch.float32, device=device)
         _check_crop(model, data_settings.crop)
-        save_dtype = None if args.save_dtype == "base" else DTYPES[args.save_dtype]
-        if save_dtype is None:
-            from ..checkpoint import load_state_dict_file
-
-            save_dtype = next(v.dtype for v in load_state_dict_file(models.star).values() if v.is_floating_point())
+        save_dtype = stored_dtype(models.star) if args.save_dtype == "base" else DTYPES[args.save_dtype]
         vae = load_vae(models, device)
         positive = build_caption(data_settings.default_caption)
         contexts = _encode_captions(models, sorted(set(dataset.captions()) | {positive, NEGATIVE_PROMPT}), device)
