@@ -4,14 +4,17 @@
 
 * tiny model (the fixtures' config, random weights, tiny SVD VAE): a whole optimizer step (encode, loss, DF decode,
   backward, AdamW), with the DF gradient on/off and activation checkpointing on/off;
-* full-size model (2.04 B parameters, random weights built on ``meta``, frozen part stored bf16 and computed in fp32
-  (``cast_ops``), the 630 M trainable tensors fp32; full-width SVD VAE, fp32): forward + backward of one step at
-  small clips, checkpointing on/off. The AdamW state (2 × 4 bytes per trainable parameter) is added analytically,
-  not allocated, to keep the run inside a shared 24 GB machine.
+* full-size model (2.04 B parameters; the ``train`` command's GPU set-up: frozen part bf16, the 630 M trainable
+  tensors fp32 masters, bf16 autocast, full-width SVD VAE fp32), as a *memory model*: one whole step (encode, loss,
+  DF decode with gradient, backward) runs on fake tensors (``FakeTensorMode``: shapes and dtypes, no data, no
+  compute) while a dispatch mode adds up the bytes of every live tensor storage; the peak, plus the weights and the
+  AdamW state, is the tensor memory a GPU needs (the CUDA context and allocator slack come on top). The same run
+  counts the floating-point work (``FlopCounterMode``; recomputation included), from which a time per step follows
+  for an assumed achieved rate. (A measured full-size step does not fit the shared CPU machine's time budget.)
 
 ``python bench/train.py --curve docs/train_loss_tiny.png --steps 120`` fine-tunes the tiny model on a synthetic
 pair and draws the training loss and a fixed-t validation loss (PNG drawn with PIL).
-Run the full-size rows under ``flock /tmp/star_heavy.lock`` on a shared machine (about 8 GB each).
+The memory-model rows take about a minute each and little memory (no tensor holds data).
 """
 from __future__ import annotations
 
@@ -24,10 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,7 +42,10 @@ from star_core.tiny_models import FULL_VAE, TINY_STAR, TINY_VAE  # noqa: E402
 from star_core.train import StepSettings, encode_clips, prepare_for_training, step_loss  # noqa: E402
 
 TINY_CONFIGS = [(True, False), (True, True), (False, False)]  # (df_gradient, checkpointing)
-FULL_CONFIGS = [(2, (144, 192), True), (4, (144, 192), True), (4, (144, 192), False)]  # (frames, HxW px, ckpt)
+# (frames, HxW px, checkpointing, DF gradient) of the full-size memory model
+FULL_CONFIGS = [(8, (336, 512), True, True), (16, (336, 512), True, True), (32, (336, 512), True, True),
+                (16, (336, 512), True, False), (8, (336, 512), False, True), (32, (720, 1280), True, True)]
+ASSUMED_TFLOPS = 60  # achieved bf16 rate assumed for the time column (about half of a 24 GB card's dense peak)
 GiB = 2**30
 
 
@@ -111,6 +120,79 @@ def measure(size: str, frames: int, hw: tuple[int, int], df_gradient: bool, chec
             "trainable": trainable, "adam_state_gib": 8 * trainable / GiB if optimizer is None else 0.0}
 
 
+class LiveBytes(TorchDispatchMode):
+    """Adds up the bytes of the tensor storages created while active, each until it is freed; keeps the peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = self.peak = 0
+        self.sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.current -= self.sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if id(storage) not in self.sizes:
+                    self.sizes[id(storage)] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(storage, self._free, id(storage))
+        return out
+
+
+def memory_model(frames: int, hw: tuple[int, int], checkpointing: bool, df_gradient: bool) -> dict:
+    """The full-size training step on fake tensors: peak live tensor bytes and floating-point work."""
+    from diffusers import AutoencoderKLTemporalDecoder
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import star_core.vae.tiled as tiled
+    from star_core.vae import SVDVideoVAE
+
+    plan = tiled.feather_weights
+    tiled.feather_weights = lambda *a, **k: _real(unset_fake_temporarily, plan, *a, **k)  # data-dependent checks
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = STARUNet(dtype=torch.bfloat16)
+        vae_net = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4, latent_channels=4,
+                                               **FULL_VAE)
+        vae = SVDVideoVAE(vae_net)
+        params = prepare_for_training(model, checkpointing=checkpointing, dropout="trainable")
+        weights = sum(p.numel() * p.element_size() for p in [*model.parameters(), *vae_net.parameters()])
+        trainable = sum(p.numel() for _, p in params)
+        hq = torch.zeros(1, frames, 3, *hw)
+        context = torch.zeros(1, 77, 1024)
+        indices = torch.zeros(10_000, dtype=torch.long)
+        settings = StepSettings(df_gradient=df_gradient, checkpoint_decode=checkpointing)
+
+        def step() -> None:
+            with torch.no_grad():
+                z_hq, z_lq = encode_clips(vae, hq), encode_clips(vae, hq)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                result = step_loss(model, vae, z_hq, z_lq, context, hq, settings, t=torch.tensor([500]),
+                                   noise=torch.zeros_like(z_hq), df_indices=[(indices, indices)])
+            result.loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        live, flops = LiveBytes(), FlopCounterMode(display=False)
+        with live:  # separate passes: the flop counter's module hooks keep activations alive
+            step()
+        with flops:
+            step()
+    tiled.feather_weights = plan
+    return {"frames": frames, "hw": list(hw), "checkpointing": checkpointing, "df_gradient": df_gradient,
+            "weights_gib": weights / GiB, "step_peak_gib": live.peak / GiB, "adam_gib": 8 * trainable / GiB,
+            "tflop": flops.get_total_flops() / 1e12}
+
+
+def _real(unset, fn, *args, **kwargs):
+    with unset():
+        return fn(*args, **kwargs)
+
+
 def _run(args: list[str]) -> dict | str:
     proc = subprocess.run([sys.executable, __file__, *args, "--json"], capture_output=True, text=True)
     if proc.returncode:
@@ -127,20 +209,21 @@ def tables(threads: int) -> None:
                   "--checkpointing", str(int(ckpt)), "--threads", str(threads)])
         print(f"| {df} | {ckpt} | " + (f"{r['seconds']:.2f} | {r['peak_rss_gib']:.2f} |" if isinstance(r, dict)
                                       else f"failed: {r} ||"), flush=True)
-    print(f"\nfull-size STAR (2.04 B; frozen bf16 storage, fp32 compute) + full SVD VAE (fp32), forward + backward, "
-          f"DF gradient on, t=500, {threads} threads; AdamW state added analytically")
-    print("| frames | HxW px | latent | checkpointing | s/step | peak RSS GiB | RSS after load GiB "
-          "| + AdamW state GiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for frames, hw, ckpt in FULL_CONFIGS:
-        r = _run(["--one", "full", "--frames", str(frames), "--size", f"{hw[0]}x{hw[1]}", "--df-gradient", "1",
-                  "--checkpointing", str(int(ckpt)), "--threads", str(threads), "--repeats", "1"])
-        latent = f"{frames}x{hw[0] // 8}x{hw[1] // 8}"
+    print(f"\nfull-size STAR (2.04 B) + SVD VAE, the train command's GPU set-up (frozen bf16, 630 M fp32 masters, "
+          f"bf16 autocast), memory model on fake tensors; time at an assumed {ASSUMED_TFLOPS} TFLOP/s achieved")
+    print("| frames | HxW px | checkpointing | DF gradient | weights GiB | step peak GiB (activations + grads) "
+          "| AdamW state GiB | total tensor GiB | TFLOP/step | s/step at the assumed rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for frames, hw, ckpt, df in FULL_CONFIGS:
+        r = _run(["--memory-model", "--frames", str(frames), "--size", f"{hw[0]}x{hw[1]}",
+                  "--checkpointing", str(int(ckpt)), "--df-gradient", str(int(df))])
+        head = f"| {frames} | {hw[0]}x{hw[1]} | {ckpt} | {df} |"
         if isinstance(r, dict):
-            print(f"| {frames} | {hw[0]}x{hw[1]} | {latent} | {ckpt} | {r['seconds']:.1f} | {r['peak_rss_gib']:.2f} "
-                  f"| {r['rss_loaded_gib']:.2f} | {r['adam_state_gib']:.2f} |", flush=True)
+            total = r["weights_gib"] + r["step_peak_gib"] + r["adam_gib"]
+            print(f"{head} {r['weights_gib']:.2f} | {r['step_peak_gib']:.2f} | {r['adam_gib']:.2f} | {total:.2f} "
+                  f"| {r['tflop']:.1f} | {r['tflop'] / ASSUMED_TFLOPS:.1f} |", flush=True)
         else:
-            print(f"| {frames} | {hw[0]}x{hw[1]} | {latent} | {ckpt} | failed: {r} ||||", flush=True)
+            print(f"{head} failed: {r} ||||||", flush=True)
 
 
 def loss_curve(path: Path, steps: int, lr: float) -> None:
@@ -232,6 +315,7 @@ def main() -> int:
     parser.add_argument("--checkpointing", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--memory-model", action="store_true", help="the full-size memory model of one configuration")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--curve", type=Path, help="write the tiny fine-tune loss curve PNG here")
     parser.add_argument("--steps", type=int, default=120, help="steps of the loss-curve run")
@@ -240,6 +324,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     if args.curve:
         loss_curve(args.curve, args.steps, args.lr)
+        return 0
+    if args.memory_model:
+        hw = tuple(int(v) for v in args.size.split("x"))
+        result = memory_model(args.frames, hw, bool(args.checkpointing), bool(args.df_gradient))
+        print(json.dumps(result) if args.json else result)
         return 0
     if args.one:
         hw = tuple(int(v) for v in args.size.split("x"))

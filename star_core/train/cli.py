@@ -30,7 +30,7 @@ def _size(text: str) -> tuple[int, int]:
     try:
         height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--crop must look like HEIGHTxWIDTH (e.g. 320x512), got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"--crop must look like HEIGHTxWIDTH (e.g. 336x512), got {text!r}") from None
     return height, width
 
 
@@ -48,7 +48,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--hq", type=Path, help="folder of HQ clips (videos or frame folders; NAME.txt = caption)")
     data.add_argument("--lq", type=Path, help="folder of LQ clips with the HQ names (omit: degrade HQ on the fly)")
     data.add_argument("--frames", type=int, default=32, help="frames per sample (official 32)")
-    data.add_argument("--crop", type=_size, default=(320, 512), metavar="HxW",
+    data.add_argument("--crop", type=_size, default=(336, 512), metavar="HxW",
                       help="HQ crop in pixels (official: whole 720x1280 frames)")
     data.add_argument("--frame-stride", type=int, default=1, help="take every n-th frame")
     data.add_argument("--null-text-ratio", type=float, default=NULL_TEXT_RATIO,

@@ -180,7 +180,7 @@ class DataSettings:
 
     Parameters:
         frames (`int`, defaults to 32): frames per sample (official 32).
-        crop (`tuple[int, int]`, defaults to (320, 512)): HQ crop height and width in pixels, multiples of 8 (and of
+        crop (`tuple[int, int]`, defaults to (336, 512)): HQ crop height and width in pixels, multiples of 8 (and of
             the LQ factor); the official training used whole 720x1280 frames.
         frame_stride (`int`, defaults to 1): take every n-th frame (the official data tools sampled every 2nd).
         null_text_ratio (`float`, defaults to 0.5): probability of the empty prompt (official 0.5).
@@ -190,7 +190,7 @@ class DataSettings:
     """
 
     frames: int = 32
-    crop: tuple[int, int] = (320, 512)
+    crop: tuple[int, int] = (336, 512)
     frame_stride: int = 1
     null_text_ratio: float = NULL_TEXT_RATIO
     default_caption: str = DEFAULT_PROMPT

@@ -12,7 +12,6 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from ..diffusion.schedule import NUM_TIMESTEPS
 from ..vae.base import OFFICIAL_WINDOW
@@ -35,8 +34,8 @@ class StepSettings:
         df_samples (`int`, defaults to 10 000): size of the percentile estimate's sample.
         df_quantile (`float`, defaults to 0.8): the cutoff's quantile.
         decode_window (`int`, defaults to 3): frames per VAE decoder call (official 3, no overlap).
-        checkpoint_decode (`bool`, defaults to False): recompute each decode window in backward instead of keeping
-            its activations (only matters with ``df_gradient``).
+        checkpoint_decode (`bool`, defaults to False): recompute the VAE decoder's block activations in backward
+            instead of keeping them (only matters with ``df_gradient``).
         t_min, t_max (`int`): range of the uniformly drawn timesteps (official 0..999).
     """
 
@@ -129,7 +128,8 @@ def decode_latent(vae, latent: torch.Tensor, *, window: int = OFFICIAL_WINDOW, g
         latent (`torch.Tensor`): ``[1,4,F,h,w]`` scaled latent.
         window (`int`): frames per decoder call.
         grad (`bool`): keep the graph (False decodes under ``no_grad``, as the released script).
-        checkpointed (`bool`): recompute each window's activations in backward.
+        checkpointed (`bool`): recompute the activations of each decoder block in backward instead of keeping
+            them (diffusers' gradient checkpointing; the full-resolution blocks dominate training memory).
 
     Returns:
         `torch.Tensor`: ``[F,3,8h,8w]`` float32.
@@ -137,16 +137,18 @@ def decode_latent(vae, latent: torch.Tensor, *, window: int = OFFICIAL_WINDOW, g
     model = vae.model
     dtype = next(model.parameters()).dtype
 
-    def run(z: torch.Tensor, frames: int) -> torch.Tensor:
+    def decode_fn(z: torch.Tensor, frames: int) -> torch.Tensor:
         return model.decode(z.to(dtype) / vae.scaling_factor, num_frames=frames).sample
 
-    def decode_fn(z: torch.Tensor, frames: int) -> torch.Tensor:
-        if checkpointed and grad and torch.is_grad_enabled():
-            return checkpoint(run, z, frames, use_reentrant=False)
-        return run(z, frames)
-
-    with contextlib.nullcontext() if grad else torch.no_grad():
-        return decode_windows(decode_fn, latent, vae.downscale, window=window, window_overlap=0)
+    inner = checkpointed and grad and not model.is_gradient_checkpointing
+    if inner:
+        model.enable_gradient_checkpointing()
+    try:
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            return decode_windows(decode_fn, latent, vae.downscale, window=window, window_overlap=0)
+    finally:
+        if inner:
+            model.disable_gradient_checkpointing()
 
 
 def step_loss(model: torch.nn.Module, vae, z_hq: torch.Tensor, z_lq: torch.Tensor, context: torch.Tensor,

@@ -101,8 +101,15 @@ def _check_step(report: Report, stem: str, data: dict, info: dict, step: dict, m
                 for key, value in _spectrum(data, prefix, video).items():
                     _relative(report, f"{name}{key}", value, data[prefix + key], SPECTRUM_TOL)
         exact = run_step(model64, vae64, data, prefix, variant, torch.float64)
-        recorded = {k[len(prefix):]: v for k, v in data.items() if k.startswith(f"{prefix}{variant}.grad")}
-        for key, expected in sorted(recorded.items()):
+        # the named parameters of the info file, and whichever activation gradients were recorded
+        keys = [f"{variant}.grad.{name}" for name in info["grad_params"]]
+        keys += sorted(k[len(prefix):] for k in data if k.startswith(f"{prefix}{variant}.grad_"))
+        for key in keys:
+            if prefix + key not in data or key not in got:
+                report.fail(f"{name}{key}", "named in the info file but not stored" if key in got
+                            else "this step gave that tensor no gradient")
+                continue
+            expected = data[prefix + key]
             scale = expected.abs().max().double().clamp_min(1e-30)
             floor = ((exact[key].double() - expected.double()).abs().max() / scale).item()
             if floor <= GRAD_TOL / 2:
