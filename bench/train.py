@@ -31,21 +31,20 @@ import weakref
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from star_core.model import STARConfig, STARUNet, cast_ops  # noqa: E402
-from star_core.tiny_models import FULL_VAE, TINY_STAR, TINY_VAE  # noqa: E402
+from star_core.model import STARUNet  # noqa: E402
+from star_core.tiny_models import FULL_VAE, TINY_VAE  # noqa: E402
 from star_core.train import StepSettings, encode_clips, prepare_for_training, step_loss  # noqa: E402
 
 TINY_CONFIGS = [(True, False), (True, True), (False, False)]  # (df_gradient, checkpointing)
 # (frames, HxW px, checkpointing, DF gradient) of the full-size memory model
 FULL_CONFIGS = [(8, (336, 512), True, True), (16, (336, 512), True, True), (32, (336, 512), True, True),
                 (16, (336, 512), True, False), (8, (336, 512), False, True), (32, (720, 1280), True, True)]
-ASSUMED_TFLOPS = 60  # achieved bf16 rate assumed for the time column (about half of a 24 GB card's dense peak)
+ASSUMED_TFLOPS = 30  # achieved bf16 rate assumed for the time column (~40 % of an RTX 4090's dense bf16 peak)
 GiB = 2**30
 
 
@@ -53,49 +52,21 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
-def _fill(module: nn.Module, seed: int) -> None:
-    """The fixture recipe in place: norm weights 1 + 0.1·randn, other 1-D 0.05·randn, else randn / sqrt(fan_in)."""
-    norms = {id(m.weight) for m in module.modules() if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None}
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if id(p) in norms:
-                p.normal_(1.0, 0.1, generator=gen)
-            elif p.ndim == 1:
-                p.normal_(0.0, 0.05, generator=gen)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
-
-
-def build(size: str) -> tuple[STARUNet, object]:
-    """A random STAR network and SVD VAE: ``tiny`` (fp32) or ``full`` (frozen bf16, computed in fp32)."""
-    from diffusers import AutoencoderKLTemporalDecoder
-
+def build_tiny() -> tuple[STARUNet, object]:
+    """The tiny random STAR network and SVD VAE of `star_core.tiny_models`, fp32."""
+    from star_core.checkpoint import load_star_model
+    from star_core.tiny_models import star_weights, svd_vae_weights
     from star_core.vae import SVDVideoVAE
+    from star_core.vae.svd import build_vae
 
-    if size == "tiny":
-        model = STARUNet(STARConfig(**TINY_STAR), device="meta").to_empty(device="cpu")
-        vae_config = TINY_VAE
-    else:
-        model = STARUNet(operations=cast_ops, device="meta", dtype=torch.bfloat16,
-                         compute_dtype=torch.float32).to_empty(device="cpu")
-        vae_config = FULL_VAE
-    _fill(model, 0)
-    levels = len(vae_config["block_out_channels"])
-    with torch.device("meta"):
-        vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * levels, latent_channels=4,
-                                           **vae_config)
-    vae = vae.to_empty(device="cpu")
-    _fill(vae, 1)
-    return model, SVDVideoVAE(vae)
+    return load_star_model(star_weights(0)), SVDVideoVAE(build_vae(svd_vae_weights(seed=1, **TINY_VAE)))
 
 
-def measure(size: str, frames: int, hw: tuple[int, int], df_gradient: bool, checkpointing: bool,
-            repeats: int) -> dict:
-    """One configuration in this process: a warm-up step, then the median of ``repeats`` timed steps."""
-    model, vae = build(size)
+def measure(frames: int, hw: tuple[int, int], df_gradient: bool, checkpointing: bool, repeats: int) -> dict:
+    """The tiny model in this process: a warm-up optimizer step, then the median of ``repeats`` timed steps."""
+    model, vae = build_tiny()
     params = prepare_for_training(model, checkpointing=checkpointing, dropout="off")
-    optimizer = torch.optim.AdamW([p for _, p in params], lr=5e-5, weight_decay=1e-2) if size == "tiny" else None
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=5e-5, weight_decay=1e-2)
     rss_loaded = _peak_rss_gib()
     g = torch.Generator().manual_seed(0)
     hq = torch.rand(1, frames, 3, *hw, generator=g) * 2 - 1
@@ -109,15 +80,12 @@ def measure(size: str, frames: int, hw: tuple[int, int], df_gradient: bool, chec
             z_hq, z_lq = encode_clips(vae, hq, g), encode_clips(vae, lq, g)
         result = step_loss(model, vae, z_hq, z_lq, context, hq, settings, t=torch.tensor([500]), generator=g)
         result.loss.backward()
-        if optimizer is not None:
-            optimizer.step()
+        optimizer.step()
         model.zero_grad(set_to_none=True)
         if i:
             times.append(time.perf_counter() - start)
-    trainable = sum(p.numel() for _, p in params)
-    return {"size": size, "frames": frames, "hw": list(hw), "df_gradient": df_gradient, "checkpointing": checkpointing,
-            "seconds": statistics.median(times), "peak_rss_gib": _peak_rss_gib(), "rss_loaded_gib": rss_loaded,
-            "trainable": trainable, "adam_state_gib": 8 * trainable / GiB if optimizer is None else 0.0}
+    return {"frames": frames, "hw": list(hw), "df_gradient": df_gradient, "checkpointing": checkpointing,
+            "seconds": statistics.median(times), "peak_rss_gib": _peak_rss_gib(), "rss_loaded_gib": rss_loaded}
 
 
 class LiveBytes(TorchDispatchMode):
@@ -205,7 +173,7 @@ def tables(threads: int) -> None:
     print("| DF gradient | checkpointing | s/step | peak RSS GiB |")
     print("|---|---|---|---|")
     for df, ckpt in TINY_CONFIGS:
-        r = _run(["--one", "tiny", "--frames", "4", "--size", "80x96", "--df-gradient", str(int(df)),
+        r = _run(["--tiny", "--frames", "4", "--size", "80x96", "--df-gradient", str(int(df)),
                   "--checkpointing", str(int(ckpt)), "--threads", str(threads)])
         print(f"| {df} | {ckpt} | " + (f"{r['seconds']:.2f} | {r['peak_rss_gib']:.2f} |" if isinstance(r, dict)
                                       else f"failed: {r} ||"), flush=True)
@@ -308,7 +276,7 @@ def draw_plot(path: Path, train: list[tuple[int, float]], val: list[tuple[int, f
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--one", choices=("tiny", "full"), help="measure one configuration in this process")
+    parser.add_argument("--tiny", action="store_true", help="measure one tiny-model configuration in this process")
     parser.add_argument("--frames", type=int, default=4)
     parser.add_argument("--size", default="80x96", help="HxW pixels")
     parser.add_argument("--df-gradient", type=int, default=1)
@@ -330,9 +298,9 @@ def main() -> int:
         result = memory_model(args.frames, hw, bool(args.checkpointing), bool(args.df_gradient))
         print(json.dumps(result) if args.json else result)
         return 0
-    if args.one:
+    if args.tiny:
         hw = tuple(int(v) for v in args.size.split("x"))
-        result = measure(args.one, args.frames, hw, bool(args.df_gradient), bool(args.checkpointing), args.repeats)
+        result = measure(args.frames, hw, bool(args.df_gradient), bool(args.checkpointing), args.repeats)
         print(json.dumps(result) if args.json else result)
         return 0
     tables(args.threads)
