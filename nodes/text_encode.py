@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from star_core.text.prompts import DEFAULT_PROMPT, NEGATIVE_PROMPT, SUFFIX_MODES, build_caption
+from star_core.text.prompts import SUFFIX_MODES, build_caption
+from star_core.spec import default
 
 from . import host
 
@@ -20,13 +21,13 @@ class STARTextEncode(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="SD 2.x CLIP-H text encoder (Load CLIP type stable_diffusion, or the "
                                               "CLIP of any SD 2.x checkpoint)."),
-                io.String.Input("prompt", default=DEFAULT_PROMPT, multiline=True,
+                io.String.Input("prompt", default=default("prompt.prompt"), multiline=True,
                                 tooltip="What the video shows; the official default is 'a good video'."),
-                io.Combo.Input("suffix", options=list(SUFFIX_MODES), default="official",
+                io.Combo.Input("suffix", options=list(SUFFIX_MODES), default=default("prompt.suffix"),
                                tooltip="official: the quality suffix is appended with no separator, as in STAR "
                                        "(a long prompt pushes its end past 77 tokens). protected: a long prompt is "
                                        "shortened so the whole suffix fits. none: the prompt alone."),
-                io.String.Input("negative_prompt", default=NEGATIVE_PROMPT, multiline=True,
+                io.String.Input("negative_prompt", default=default("prompt.negative_prompt"), multiline=True,
                                 tooltip="Negative prompt for classifier-free guidance (official default shown)."),
             ],
             outputs=[io.Conditioning.Output(display_name="positive"),
@@ -35,9 +36,14 @@ class STARTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, prompt: str, suffix: str, negative_prompt: str) -> io.NodeOutput:
-        if clip is None:
-            raise ValueError("STAR Text Encode: clip is empty; the checkpoint has no text encoder, load one with "
-                             "Load CLIP (type stable_diffusion)")
-        tokenizer = host.clip_tokenizer(clip) if suffix == "protected" else None
-        caption = build_caption(prompt, suffix=suffix, tokenizer=tokenizer)
-        return io.NodeOutput(host.encode_text(clip, caption), host.encode_text(clip, negative_prompt))
+        return io.NodeOutput(*conditioning(clip, prompt, suffix, negative_prompt, "STAR Text Encode"))
+
+
+def conditioning(clip, prompt: str, suffix: str, negative_prompt: str, node: str) -> tuple[list, list]:
+    """STAR's positive (caption = prompt + suffix) and negative CONDITIONING from a core CLIP."""
+    if clip is None:
+        raise ValueError(f"{node}: clip is empty; the checkpoint has no text encoder, load one with Load CLIP "
+                         "(type stable_diffusion)")
+    tokenizer = host.clip_tokenizer(clip) if suffix == "protected" else None
+    caption = build_caption(prompt, suffix=suffix, tokenizer=tokenizer)
+    return host.encode_text(clip, caption), host.encode_text(clip, negative_prompt)

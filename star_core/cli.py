@@ -1,40 +1,35 @@
 """Headless STAR: ``python -m star_core upscale INPUT -o OUTPUT [options]`` (also the ``star-vsr`` command).
 
-A video is processed in two streaming passes over the input file so memory does not grow with its length:
-read windows → LR preparation → VAE encode (only the small latent is kept) → sampling on the latent →
-VAE decode window by window → colour fix against the same frames read again → encode to the output, with the
-input's audio remuxed. Everything numeric goes through `star_core.pipeline`.
+This module only parses arguments, plans inputs and outputs, loads the models once per batch and shows progress;
+each video is one :func:`star_core.pipeline.run` from a :class:`~star_core.video_io.FileSource` to a
+:class:`~star_core.video_io.VideoFileSink` (two streaming passes over the file, so memory does not grow with its
+length). Every option's default, help and range come from :mod:`star_core.spec`.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import glob
-import itertools
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import pipeline
-from .diffusion.chunking import DEFAULT_FUSION, FUSIONS
-from .diffusion.schedule import discretized_timesteps, k_sigmas
-from .diffusion.star_sampling import SamplerSettings
 from .download import ModelsMissingError, ResolvedModels, resolve_models
-from .seeds import RunNoise
+from .host import HostContext, ProgressEvent
+from .options import SpecError
+from .spec import DEFAULTS, RunSpec, default, option_info
 from .train.cli import add_train_parser, run_train
-from .video_io import CODECS, VIDEO_EXTENSIONS, VideoInfo, VideoWriter, probe_video, read_frames, write_synthetic_clip
+from .video_io import CODECS, VIDEO_EXTENSIONS, FileSource, VideoFileSink, probe_video, write_synthetic_clip
 
 EXIT_FAILED, EXIT_MODELS_MISSING = 1, 3
 DEMO_FRAMES = 8  # 8 frames of 48x32, x2: small enough for a CPU, long enough to exercise windows and chunks
-READ_BUDGET_BYTES = 256 << 20  # upscaled LR frames held at once by the encode pass
 DEMO_NOTE = ("--demo-tiny: tiny RANDOM-weight models on a generated clip. The output is noise: this checks that the "
              "install runs end to end, not the quality.")
 
@@ -53,6 +48,37 @@ def _target_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+# Options read from the run spec: (flags, dotted spec name) per help group. Their default, help, type, range and
+# choices are the spec's; `spec_from_args` validates them all at once.
+SPEC_OPTIONS: dict[str, list[tuple[str, str]]] = {
+    "output size": [("--scale", "output.scale"), ("--padding", "output.padding")],
+    "prompt": [("--prompt", "prompt.prompt"), ("--suffix", "prompt.suffix"),
+               ("--negative-prompt", "prompt.negative_prompt")],
+    "sampler": [("--solver-mode", "sampler.mode"), ("--steps", "sampler.steps"), ("--cfg", "sampler.cfg"),
+                ("--rescale", "sampler.rescale"), ("--seed", "seed"), ("--chunk-len", "sampler.chunk_len"),
+                ("--chunk-overlap", "sampler.overlap"), ("--chunk-fusion", "sampler.fusion"),
+                ("--batch-cfg", "sampler.batch_cfg")],
+    "VAE and colour": [("--posterior", "encode.posterior"), ("--encode-tile", "encode.tile"),
+                       ("--encode-tile-overlap", "encode.tile_overlap"), ("--decode-tile", "decode.tile"),
+                       ("--decode-tile-overlap", "decode.tile_overlap"), ("--decode-window", "decode.window"),
+                       ("--decode-window-overlap", "decode.window_overlap"), ("--colour-fix", "colour.method"),
+                       ("--colour-strength", "colour.strength")],
+}
+FLAG_OF = {path: flag for options in SPEC_OPTIONS.values() for flag, path in options}
+
+
+def _add_spec_option(group, flag: str, path: str) -> None:
+    info = option_info(path)
+    dest = flag.lstrip("-").replace("-", "_")
+    if info.kind is bool:
+        group.add_argument(flag, dest=dest, action="store_true", default=default(path), help=info.help)
+        return
+    kind = {"int": int, "float": float}.get(getattr(info.kind, "__name__", ""), str)
+    metavar = "N" if kind is int else ("X" if kind is float else None)
+    group.add_argument(flag, dest=dest, type=kind, default=default(path), help=info.help,
+                       choices=info.choices, metavar=None if info.choices else metavar)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m star_core`` / ``star-vsr``."""
     parser = argparse.ArgumentParser(prog="star-vsr", description="STAR video super-resolution (I2VGen-XL based).")
@@ -68,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--demo-tiny", action="store_true",
                     help="install self-check: tiny random models (the output is noise); without inputs it runs a "
                          "generated 8-frame clip at x2 with minimal padding and 4-frame chunks")
-
-    size = up.add_mutually_exclusive_group()
-    size.add_argument("--scale", type=int, choices=(2, 3, 4), default=4, help="upscale factor (official 4)")
-    size.add_argument("--target-size", type=_target_size, metavar="HxW", help="explicit output size instead of --scale")
+    up.add_argument("--target-size", type=_target_size, metavar="HxW",
+                    help="explicit output size instead of --scale")
+    for title, options in SPEC_OPTIONS.items():
+        group = up.add_argument_group(title)
+        for flag, path in options:
+            _add_spec_option(group, flag, path)
 
     models = up.add_argument_group("models")
     models.add_argument("--model", default="light",
@@ -83,36 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
     models.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
     models.add_argument("--offline", action="store_true", help="never download; list what is missing instead")
-
-    text = up.add_argument_group("prompt")
-    text.add_argument("--prompt", default="a good video", help="text prompt (official default)")
-    text.add_argument("--suffix", choices=("official", "protected", "none"), default="official",
-                      help="quality suffix after the prompt; 'protected' keeps it from being cut by long prompts")
-    text.add_argument("--negative-prompt", default=None, help="override the official negative prompt")
-
-    sampler = up.add_argument_group("sampler")
-    sampler.add_argument("--solver-mode", choices=("fast", "normal"), default="fast", help="official 'fast' = 15 steps")
-    sampler.add_argument("--steps", type=int, default=15, help="steps in normal mode (fast mode ignores it)")
-    sampler.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
-    sampler.add_argument("--rescale", type=float, default=0.2, help="CFG rescale")
-    sampler.add_argument("--seed", type=int, default=666, help="seed of every random draw (official 666)")
-    sampler.add_argument("--chunk-len", type=int, default=32, help="latent frames per denoiser call (official 32)")
-    sampler.add_argument("--chunk-overlap", type=int, default=None, help="frames shared by neighbouring chunks")
-    sampler.add_argument("--chunk-fusion", choices=FUSIONS, default=DEFAULT_FUSION,
-                         help="'official' hard cuts, or cross-fades ('linear', 'hann')")
-
-    vae = up.add_argument_group("VAE and geometry")
-    vae.add_argument("--padding", choices=("official", "minimal"), default="official",
-                     help="'official' pads to >=720x1280 like inference_sr.py; 'minimal' pads only what the "
-                          "network needs (much faster for small videos, slightly different results)")
-    vae.add_argument("--encode-tile", type=int, default=None, help="spatial VAE encode tile in pixels (default whole)")
-    vae.add_argument("--decode-tile", type=int, default=None, help="spatial VAE decode tile in pixels (default whole)")
-    vae.add_argument("--tile-overlap", type=int, default=64, help="spatial tile overlap in pixels")
-    vae.add_argument("--decode-window", type=int, default=3, help="frames per temporal-decoder call (official 3)")
-    vae.add_argument("--decode-window-overlap", type=int, default=0, help="blended frames between decode windows")
-    vae.add_argument("--colour-fix", choices=("adain", "wavelet", "none"), default="adain", help="colour correction")
-    vae.add_argument("--colour-strength", type=float, default=1.0,
-                     help="1 = fully restored, 0 = bilinear-upscaled input, between = blend")
 
     run = up.add_argument_group("run")
     run.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -134,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--offline", action="store_true", help="only check what is present")
     add_train_parser(commands)
     return parser
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    """The run spec of the command line, validated before any model is loaded (errors name the flag)."""
+    values = {path: getattr(args, flag.lstrip("-").replace("-", "_")) for path, flag in FLAG_OF.items()}
+    if args.target_size is not None:
+        values["output.target"] = args.target_size
+    try:
+        return DEFAULTS.with_options({path: value for path, value in values.items() if value != default(path)})
+    except SpecError as exc:
+        flag = FLAG_OF.get(exc.path, "--target-size" if exc.path == "output.target" else exc.path)
+        raise InputError(f"{flag} {exc.problem}") from None
 
 
 def run_download(args: argparse.Namespace) -> int:
@@ -191,35 +201,6 @@ def plan_outputs(inputs: list[tuple[Path, bool]], output: Path, codec: str) -> l
 
 # ------------------------------------------------------------------------------------------------------ models
 
-@dataclass
-class Components:
-    """What every video of a run shares: model files, device, UNet dtype, sampler and decoder settings."""
-
-    models: ResolvedModels
-    device: torch.device
-    unet_dtype: torch.dtype
-    sampler: SamplerSettings
-    decode: pipeline.DecodeOptions
-
-
-def run_settings(args: argparse.Namespace) -> tuple[SamplerSettings, pipeline.DecodeOptions]:
-    """Sampler and decoder settings from the options, validated before any model is loaded."""
-    from .vae.base import SpatialTiling
-
-    if args.steps < 1 or args.chunk_len < 1 or args.decode_window < 1:
-        raise InputError("--steps, --chunk-len and --decode-window must be >= 1")
-    if not 0.0 <= args.colour_strength <= 1.0:
-        raise InputError(f"--colour-strength must be in [0, 1], got {args.colour_strength}")
-    for tile in (args.encode_tile, args.decode_tile):
-        if tile is not None:
-            SpatialTiling(tile, args.tile_overlap)  # raises a ValueError naming the problem
-    sampler = SamplerSettings(mode=args.solver_mode, steps=args.steps, cfg=args.cfg, rescale=args.rescale,
-                              chunk_len=args.chunk_len, overlap=args.chunk_overlap, fusion=args.chunk_fusion)
-    decode = pipeline.DecodeOptions(window=args.decode_window, window_overlap=args.decode_window_overlap,
-                                    tile=args.decode_tile, tile_overlap=args.tile_overlap)
-    return sampler, decode
-
-
 def pick_device(name: str) -> torch.device:
     """``auto`` → CUDA when available, else CPU; anything else is validated by torch."""
     if name == "auto":
@@ -269,89 +250,32 @@ def load_unet(models: ResolvedModels, device: torch.device, dtype: torch.dtype) 
 # -------------------------------------------------------------------------------------------------- progress
 
 class Progress:
-    """tqdm bars per pipeline stage: frames encoded, chunk evaluations and sampler steps, frames decoded."""
+    """tqdm bars for a video's progress events: encode (VAE tiles), sampler steps and model calls, decode."""
 
-    LABELS = {"encode": ("encode", "frame"), "sample": ("chunks", "chunk"), "decode": ("decode", "frame")}
+    LABELS = {"encode": ("encode", "tile"), "sample": ("model calls", "call"), "steps": ("steps", "step"),
+              "decode": ("decode", "tile")}
 
     def __init__(self, name: str, enabled: bool) -> None:
         self.name, self.enabled = name, enabled
         self.bars: dict[str, tqdm] = {}
-        self.steps = 0  # solver steps of the sampling stage, set before it starts
 
-    def _bar(self, key: str, total: int, desc: str, unit: str) -> tqdm:
+    def _set(self, key: str, done: int, total: int) -> None:
         if key not in self.bars:
+            desc, unit = self.LABELS.get(key, (key, "it"))
             self.bars[key] = tqdm(total=total, desc=f"{self.name}: {desc}", unit=unit, disable=not self.enabled,
                                   leave=False, dynamic_ncols=True)
-        return self.bars[key]
-
-    def _set(self, key: str, done: int, total: int, desc: str, unit: str) -> None:
-        bar = self._bar(key, total, desc, unit)
+        bar = self.bars[key]
         bar.total = total
         bar.update(done - bar.n)
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        desc, unit = self.LABELS.get(stage, (stage, "it"))
-        self._set(stage, done, total, desc, unit)
-        if stage == "sample" and self.steps:  # every solver step makes the same number of chunk calls
-            self._set("steps", done * self.steps // total, self.steps, "steps", "step")
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.stage == "sample" and event.step is not None:
+            self._set("steps", event.step, event.steps)
+        self._set(event.stage, event.done, event.total)
 
     def close(self) -> None:
         for bar in self.bars.values():
             bar.close()
-
-
-# ------------------------------------------------------------------------------------------------- one video
-
-def _frames_float(windows: Iterator[np.ndarray]) -> Iterator[torch.Tensor]:
-    for window in windows:
-        yield torch.from_numpy(window).to(torch.float32).div_(255)
-
-
-def _take(frames: Iterator[np.ndarray], count: int) -> np.ndarray:
-    """Exactly ``count`` frames from an iterator of single-frame windows."""
-    taken = [window[0] for window in itertools.islice(frames, count)]
-    if len(taken) != count:
-        raise ValueError("the input has fewer frames on the second read than on the first: it changed while "
-                         "being processed, or its decoder is not deterministic; re-encode it (e.g. to .mkv)")
-    return np.stack(taken)
-
-
-def upscale_file(src: Path, dst: Path, args: argparse.Namespace, parts: Components,
-                 prompts: tuple[torch.Tensor, torch.Tensor], vae, progress: Progress) -> VideoInfo:
-    """Upscale one video file to ``dst`` in two streaming passes (see the module docstring)."""
-    info = probe_video(src)
-    scale = None if args.target_size else args.scale
-    geometry = pipeline.plan_lr(info.frame_count, info.height, info.width, scale=scale, target=args.target_size,
-                                padding=args.padding, fps=float(info.fps))
-    noise = RunNoise(args.seed)
-    # read a few frames at a time: their upscaled, padded copies are what the encoder holds in memory
-    padded_frame_bytes = 3 * 4 * geometry.padded_size[0] * geometry.padded_size[1]
-    window = max(1, min(pipeline.ENCODE_WINDOW, READ_BUDGET_BYTES // padded_frame_bytes))
-    lr_windows = pipeline.prepare_windows(_frames_float(read_frames(src, window)), geometry)
-    latent = pipeline.encode_lr(vae, lr_windows, geometry, noise, tile=args.encode_tile,
-                                tile_overlap=args.tile_overlap, callback=progress)
-
-    settings = parts.sampler
-    progress.steps = len(k_sigmas(discretized_timesteps(settings.mode, settings.steps, settings.t_max))) - 1
-    unet = load_unet(parts.models, parts.device, parts.unet_dtype)
-    try:
-        latent = pipeline.sample(unet, latent.to(parts.device), prompts[0], prompts[1], settings, noise,
-                                 callback=progress)
-    finally:
-        del unet
-        gc.collect()
-        if parts.device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    height, width = geometry.target_size
-    audio = src if info.has_audio and not args.no_audio else None
-    lr_frames = read_frames(src, 1)  # re-read for the colour fix instead of holding every LR frame
-    with VideoWriter(dst, width, height, info.fps, codec=args.codec, crf=args.crf, audio_from=audio) as writer:
-        for restored in pipeline.decode(vae, latent, geometry, parts.decode, callback=progress):
-            lr = torch.from_numpy(_take(lr_frames, restored.shape[0])).to(torch.float32).div_(255)
-            fixed = pipeline.colour_fix(restored, lr, args.colour_fix, args.colour_strength)
-            writer.write(pipeline.to_uint8(fixed).cpu().numpy())
-    return info
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -404,10 +328,24 @@ def _demo_setup(args: argparse.Namespace) -> Iterator[None]:
             clip = write_synthetic_clip(Path(tmp) / "demo_input.mp4", frames=DEMO_FRAMES, width=48, height=32, fps=24)
             args.inputs = [str(clip)]
             # the generated clip runs x2 with minimal padding and 4-frame chunks (options left at their defaults)
-            args.padding = "minimal" if args.padding == "official" else args.padding
-            args.scale = 2 if args.scale == 4 else args.scale
-            args.chunk_len = 4 if args.chunk_len == 32 else args.chunk_len
+            args.padding = "minimal" if args.padding == default("output.padding") else args.padding
+            args.scale = 2.0 if args.scale == default("output.scale") else args.scale
+            args.chunk_len = 4 if args.chunk_len == default("sampler.chunk_len") else args.chunk_len
         yield
+
+
+def load_components(args: argparse.Namespace, spec: RunSpec, device: torch.device) -> pipeline.Components:
+    """Every model of the batch, loaded once: the text contexts (the text encoder is freed after), the VAE, the UNet."""
+    models = resolve_models(args.model, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
+                            comfy_models=args.comfy_models, cache_dir=args.cache_dir, offline=args.offline)
+    text_encoder = load_text_encoder(models, device)
+    positive, negative = pipeline.encode_prompts(text_encoder, spec.prompt.prompt, suffix=spec.prompt.suffix,
+                                                 negative_prompt=spec.prompt.negative_prompt)
+    del text_encoder
+    gc.collect()
+    vae = load_vae(models, device)
+    unet = load_unet(models, device, pick_dtype(args.dtype, device))
+    return pipeline.Components(unet, vae, positive, negative)
 
 
 def run_upscale(args: argparse.Namespace) -> int:
@@ -419,7 +357,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     for src, dst in pairs:
         if (src, dst) not in todo:
             print(f"skip {src}: {dst} exists (--skip-existing)", file=sys.stderr)
-    sampler, decode = run_settings(args)
+    spec = spec_from_args(args)
     failures = 0
     checked = []
     for src, dst in todo:  # probe every input before loading any model, so bad inputs fail fast
@@ -436,27 +374,23 @@ def run_upscale(args: argparse.Namespace) -> int:
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    models = resolve_models(args.model, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
-                            comfy_models=args.comfy_models, cache_dir=args.cache_dir, offline=args.offline)
-    parts = Components(models, device, pick_dtype(args.dtype, device), sampler, decode)
-    text_encoder = load_text_encoder(models, device)
-    prompts = pipeline.encode_prompts(text_encoder, args.prompt, suffix=args.suffix,
-                                      negative_prompt=args.negative_prompt)
-    del text_encoder
-    gc.collect()
-    vae = load_vae(models, device)
+    components = load_components(args, spec, device)
     for src, dst in checked:
         progress = Progress(src.name, enabled=not args.quiet)
+        host = HostContext(device=device, progress=progress)
         started = time.perf_counter()
         try:
-            info = upscale_file(src, dst, args, parts, prompts, vae, progress)
+            source = FileSource(src)
+            audio = src if source.video.has_audio and not args.no_audio else None
+            sink = VideoFileSink(dst, codec=args.codec, crf=args.crf, audio_from=audio)
+            pipeline.run(source, sink, spec, components, host)
         except (ValueError, FileNotFoundError) as exc:
             failures += 1
             print(f"error: {src}: {exc}", file=sys.stderr)
             continue
         finally:
             progress.close()
-        print(f"{src} -> {dst} ({info.frame_count} frames, {time.perf_counter() - started:.1f} s)", file=sys.stderr)
+        print(f"{src} -> {dst} ({source.info.frames} frames, {time.perf_counter() - started:.1f} s)", file=sys.stderr)
     if args.demo_tiny:
         print("demo finished; reminder: the tiny models are random, so the video is noise.", file=sys.stderr)
     return EXIT_FAILED if failures else 0

@@ -1,75 +1,64 @@
 """The one STAR composition every entry point goes through: LR frames → LR latent → sampled latent → frames.
 
-Stages (each usable alone, so hosts and the CLI can stream and put their own nodes in between):
+:func:`run` takes a :class:`~star_core.frames.FrameSource` (read twice, a window at a time), a
+:class:`~star_core.frames.FrameSink` (receives finished windows in order), a :class:`~star_core.spec.RunSpec`, the
+:class:`Components` and a :class:`~star_core.host.HostContext`; only the small latent is ever held for the whole
+clip. The CLI, the ComfyUI nodes, the tests and the benchmarks all call it, or the stages it is made of:
 
-* :func:`prepare_lr` / :func:`prepare_windows` — official preprocessing, bilinear upscale, padding; the
-  :class:`~star_core.geometry.Geometry` that travels with the latent;
-* :func:`encode_prompts` — caption + negative prompt → context tensors;
-* :func:`encode_lr` — VAE encode (per-frame posterior sample from :class:`~star_core.seeds.RunNoise`), accepting a
-  tensor or an iterator of windows so only the small latent accumulates;
-* :func:`sample` — the STAR sampler (diffuse, DPM++2M SDE, CFG + rescale, temporal chunks);
-* :func:`decode` — VAE decode in temporal windows, yielding cropped frame windows (peak RAM independent of length);
-* :func:`colour_fix`, :func:`to_uint8` — colour correction and the official uint8 truncation for writers;
-* :func:`upscale_video` — everything above for in-memory frames.
+* :func:`plan` — the run's :class:`~star_core.geometry.Geometry` (target size, padding, frames);
+* :func:`encode_source` / :func:`encode_lr` — LR preparation (bilinear upscale, padding) and VAE encode with the
+  per-frame posterior noise of :class:`~star_core.seeds.RunNoise`;
+* :func:`sample_latent` / :func:`sample` — the STAR sampler (diffuse, DPM++2M SDE, CFG + rescale, windows);
+* :func:`decode_to_sink` / :func:`decode` — VAE decode in temporal windows (blended by :mod:`star_core.windows`),
+  crop, colour fix against the source frames read again, and the sink.
 
-Progress and interruption go through one ``callback(stage, done, total)``; an exception raised by it aborts the
-run. The UNet runs in its weight dtype on its device; the VAE and text encoder in their own (fp32 by default).
+Progress and interruption go through the host: ``host.check_interrupt()`` runs before every model evaluation and
+every VAE tile, and progress arrives as :class:`~star_core.host.ProgressEvent`.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
 from .colour import ColourMethod, apply_colour_fix
-from .diffusion.chunking import plan_chunks
-from .diffusion.schedule import discretized_timesteps, k_sigmas
-from .diffusion.star_sampling import SamplerSettings, sample_star
+from .diffusion.star_sampling import ModelFn, SamplerSettings, plan_evaluations, sample_star, solver_sigmas
+from .frames import FrameSink, FrameSource, SourceInfo, TensorSink, TensorSource
 from .geometry import Geometry, PaddingMode, plan_geometry, upscale_and_pad
+from .host import HostContext
 from .seeds import RunNoise
-from .tiling import feather_weights, plan_spans
+from .spec import DecodeSpec, EncodeSpec, RunSpec
 from .vae.base import SpatialTiling, VideoVAE
+from .vae.tiled import temporal_plan
 
-ProgressCallback = Callable[[str, int, int], None]
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-# Frames the LR stage hands to the VAE encoder at once when given an in-memory video (the official encode
-# chunk is 1 frame; a few frames amortise the call overhead without growing memory much).
+# Frames the LR stage hands to the VAE encoder at once (the official encode chunk is 1 frame; a few frames
+# amortise the call overhead), bounded by READ_BUDGET_BYTES of upscaled, padded frames.
 ENCODE_WINDOW = 4
+READ_BUDGET_BYTES = 256 << 20
 
 
-@dataclass(frozen=True)
-class DecodeOptions:
+@dataclass
+class Components:
     """
-    How the VAE decodes the latent.
+    The models of a run.
 
     Parameters:
-        window (`int`): frames per temporal-decoder call (official: 3).
-        window_overlap (`int`): frames shared by neighbouring windows, blended (official: 0 = hard cuts).
-        tile (`int`, *optional*): spatial tile edge in pixels (None: whole frames, official).
-        tile_overlap (`int`): spatial tile overlap in pixels.
+        model (`torch.nn.Module` or `Callable`): the STAR network, or a ``model_fn(x, t, context, hint) -> v``.
+        vae (`star_core.vae.VideoVAE`): the SVD video VAE.
+        positive (`torch.Tensor`), negative (`torch.Tensor`): text contexts ``[1,77,1024]``
+            (:func:`encode_prompts`).
     """
 
-    window: int = 3
-    window_overlap: int = 0
-    tile: int | None = None
-    tile_overlap: int = 64
+    model: torch.nn.Module | ModelFn
+    vae: VideoVAE
+    positive: torch.Tensor
+    negative: torch.Tensor
 
 
-def _tile_progress(
-    callback: ProgressCallback | None, stage: str, first: int, count: int, total: int
-) -> Callable[[int, int], None] | None:
-    """Maps a VAE call's per-tile ``(done, tiles)`` over items ``first … first+count-1`` (frames or windows, each
-    with the same number of tiles) onto ``callback(stage, tiles_done, tiles_total)`` for the whole stage."""
-    if callback is None:
-        return None
-
-    def on_tile(done: int, tiles: int) -> None:
-        per_item = tiles // count
-        callback(stage, first * per_item + done, total * per_item)
-
-    return on_tile
+def _host(host: HostContext | None) -> HostContext:
+    return HostContext() if host is None else host
 
 
 def frames_to_pixels(frames: torch.Tensor) -> torch.Tensor:
@@ -94,28 +83,11 @@ def pixels_to_frames(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
 
 
-def to_uint8(frames: torch.Tensor) -> torch.Tensor:
-    """
-    The official writer conversion: 0..1 frames × 255 **truncated** (numpy ``astype('uint8')``), not rounded.
-
-    Parameters:
-        frames (`torch.Tensor`): [T,H,W,C] float in 0..1.
-    """
-    return (frames.clamp(0, 1) * 255).to(torch.uint8)
-
-
-def plan_lr(
-    frames: int,
-    height: int,
-    width: int,
-    *,
-    scale: float | None = None,
-    target: tuple[int, int] | None = None,
-    padding: PaddingMode = "official",
-    fps: float | None = None,
-) -> Geometry:
-    """The run's geometry for `frames` LR frames of `height`x`width` (see :func:`star_core.geometry.plan_geometry`)."""
-    return plan_geometry(frames, height, width, scale=scale, target=target, padding=padding, fps=fps)
+def plan(info: SourceInfo, spec: RunSpec) -> Geometry:
+    """The run's geometry for a source (see :func:`star_core.geometry.plan_geometry`)."""
+    return plan_geometry(info.frames, info.height, info.width, scale=spec.output.scale_or_none,
+                         target=spec.output.target, padding=spec.output.padding,
+                         fps=None if info.fps is None else float(info.fps))
 
 
 def prepare_windows(windows: Iterable[torch.Tensor], geometry: Geometry) -> Iterator[torch.Tensor]:
@@ -124,7 +96,7 @@ def prepare_windows(windows: Iterable[torch.Tensor], geometry: Geometry) -> Iter
 
     Parameters:
         windows (`Iterable[torch.Tensor]`): consecutive [t,H,W,3] windows in 0..1 at the LR size.
-        geometry (`Geometry`): from :func:`plan_lr`.
+        geometry (`Geometry`): the run's geometry.
 
     Yields:
         `torch.Tensor`: [t,3,H_pad,W_pad] in [-1, 1], upscaled and padded.
@@ -155,14 +127,13 @@ def prepare_lr(
         `tuple[torch.Tensor, Geometry]`: padded pixels [T,3,H_pad,W_pad] in [-1, 1] and the geometry.
     """
     pixels = frames_to_pixels(frames)
-    geometry = plan_lr(pixels.shape[0], pixels.shape[2], pixels.shape[3], scale=scale, target=target,
-                       padding=padding, fps=fps)
+    geometry = plan_geometry(pixels.shape[0], pixels.shape[2], pixels.shape[3], scale=scale, target=target,
+                             padding=padding, fps=fps)
     return upscale_and_pad(pixels, geometry), geometry
 
 
-def encode_prompts(
-    text_encoder, prompt: str = "a good video", *, suffix: str = "official", negative_prompt: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(text_encoder, prompt: str = "a good video", *, suffix: str = "official",
+                   negative_prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Positive and negative cross-attention contexts: the caption is `prompt` followed by the quality suffix
     (see :func:`star_core.text.build_caption`), the negative defaults to the official negative prompt.
@@ -183,7 +154,8 @@ def encode_prompts(
     return embeddings[0:1], embeddings[1:2]
 
 
-def _tiling(tile: int | None, overlap: int) -> SpatialTiling | None:
+def tiling(tile: int | None, overlap: int) -> SpatialTiling | None:
+    """The VAE's spatial tiling for a spec's ``tile``/``tile_overlap`` (None: whole frames)."""
     return None if tile is None else SpatialTiling(tile, overlap)
 
 
@@ -192,10 +164,11 @@ def _vae_place(vae: VideoVAE) -> tuple[torch.device, torch.dtype]:
     return torch.device(getattr(vae, "device", "cpu")), getattr(vae, "dtype", torch.float32)
 
 
-def _windows_of(pixels: torch.Tensor | Iterable[torch.Tensor], size: int) -> Iterable[torch.Tensor]:
-    if isinstance(pixels, torch.Tensor):
-        return (pixels[start:start + size] for start in range(0, pixels.shape[0], size))
-    return pixels
+def encode_window(geometry: Geometry) -> int:
+    """Frames read and encoded at once: :data:`ENCODE_WINDOW`, fewer when their padded copies would exceed
+    :data:`READ_BUDGET_BYTES`."""
+    padded_frame_bytes = 3 * 4 * geometry.padded_size[0] * geometry.padded_size[1]
+    return max(1, min(ENCODE_WINDOW, READ_BUDGET_BYTES // padded_frame_bytes))
 
 
 def encode_lr(
@@ -205,9 +178,8 @@ def encode_lr(
     noise: RunNoise | None = None,
     *,
     sample: bool = True,
-    tile: int | None = None,
-    tile_overlap: int = 64,
-    callback: ProgressCallback | None = None,
+    tiles: SpatialTiling | None = None,
+    host: HostContext | None = None,
 ) -> torch.Tensor:
     """
     Encodes the prepared LR video to the scaled latent [1,4,F,h,w] (the ControlNet hint and the start point).
@@ -215,34 +187,36 @@ def encode_lr(
     Parameters:
         vae (`star_core.vae.VideoVAE`): the video VAE.
         pixels (`torch.Tensor` or `Iterable[torch.Tensor]`): [T,3,H_pad,W_pad] in [-1, 1], or consecutive windows
-            of it (e.g. :func:`prepare_windows` over a video reader) — only the latent accumulates.
+            of it (e.g. :func:`prepare_windows` over a source) — only the latent accumulates.
         geometry (`Geometry`): the run's geometry (frame count and padded size are checked).
         noise (`RunNoise`, *optional*): posterior noise per frame (official: a sample); required when `sample`.
         sample (`bool`): posterior sample (official) or the posterior mean.
-        tile (`int`, *optional*), tile_overlap (`int`): spatial tiling of the encoder, in pixels.
-        callback (`Callable`, *optional*): `callback("encode", tiles_done, tiles_total)` after every VAE tile;
-            raising aborts.
+        tiles (`SpatialTiling`, *optional*): spatial tiling of the encoder, in pixels.
+        host (`HostContext`, *optional*): progress (stage ``"encode"``, VAE tiles) and interrupt per tile.
 
     Returns:
         `torch.Tensor`: float32 latent [1,4,F,h,w] on the VAE's device.
     """
+    host = _host(host)
     if sample and noise is None:
         raise ValueError("encode_lr: sample=True needs a RunNoise (seed or injected posterior_eps); "
                          "pass noise= or sample=False for the posterior mean")
+    if isinstance(pixels, torch.Tensor):
+        pixels = pixels.split(ENCODE_WINDOW)
     latent_h, latent_w = geometry.latent_size
+    device, dtype = _vae_place(vae)
+    channels = getattr(vae, "latent_channels", 4)
     parts, done = [], 0
-    for window in _windows_of(pixels, ENCODE_WINDOW):
+    for window in pixels:
         if tuple(window.shape[1:]) != (3, *geometry.padded_size):
             raise ValueError(f"encode_lr: window of shape {tuple(window.shape)} is not [t,3,{geometry.padded_size[0]},"
                              f"{geometry.padded_size[1]}]; prepare the frames with prepare_lr/prepare_windows")
         count = window.shape[0]
         if done + count > geometry.frames:
             raise ValueError(f"encode_lr: more frames than the geometry's {geometry.frames}")
-        device, dtype = _vae_place(vae)
-        channels = getattr(vae, "latent_channels", 4)
         eps = noise.posterior_eps_window(done, count, (channels, latent_h, latent_w), device) if sample else None
-        part = vae.encode(window.to(device, dtype), eps, sample=sample, tiling=_tiling(tile, tile_overlap),
-                          callback=_tile_progress(callback, "encode", done, count, geometry.frames))
+        part = vae.encode(window.to(device, dtype), eps, sample=sample, tiling=tiles,
+                          callback=host.tile_callback("encode", done, count, geometry.frames))
         parts.append(part.to(torch.float32))
         done += count
     if done != geometry.frames:
@@ -252,18 +226,41 @@ def encode_lr(
     return latent
 
 
+def encode_source(source: FrameSource, geometry: Geometry, vae, spec: RunSpec | EncodeSpec, *,
+                  seed: int | None = None, host: HostContext | None = None) -> torch.Tensor:
+    """
+    Reads the source window by window, prepares and encodes it (:func:`encode_lr`); only the latent is kept.
+
+    Parameters:
+        source (`FrameSource`): the LR video.
+        geometry (`Geometry`): from :func:`plan`.
+        vae (`star_core.vae.VideoVAE`): the video VAE.
+        spec (`RunSpec` or `EncodeSpec`): the encode options (and the seed, for a whole spec).
+        seed (`int`, *optional*): the run's seed when ``spec`` is an `EncodeSpec`.
+        host (`HostContext`, *optional*): progress and interrupt.
+    """
+    if isinstance(spec, RunSpec):
+        seed, spec = spec.seed, spec.encode
+    sample_posterior = spec.posterior == "sample"
+    noise = RunNoise(seed) if sample_posterior else None
+    windows = prepare_windows(source.windows(encode_window(geometry)), geometry)
+    return encode_lr(vae, windows, geometry, noise, sample=sample_posterior,
+                     tiles=tiling(spec.tile, spec.tile_overlap), host=host)
+
+
 def model_function(model: torch.nn.Module) -> ModelFn:
     """
-    Wraps a STAR network as the sampler's `model_fn`: inputs are cast to the model's weight dtype and device,
+    Wraps a STAR network as the sampler's `model_fn`: inputs are cast to the model's compute dtype and device,
     the v-prediction comes back in the sampler's dtype (fp32).
 
     Parameters:
         model (`torch.nn.Module`): e.g. :class:`star_core.model.STARUNet`.
     """
     weight = next(model.parameters())
+    dtype = getattr(model, "dtype", weight.dtype)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint: torch.Tensor | None) -> torch.Tensor:
-        cast = dict(device=weight.device, dtype=weight.dtype)
+        cast = dict(device=weight.device, dtype=dtype)
         hint = hint.to(**cast) if hint is not None else None
         v = model(x.to(**cast), t.to(weight.device), context.to(**cast), hint)
         return v.to(device=x.device, dtype=x.dtype)
@@ -279,11 +276,11 @@ def sample(
     settings: SamplerSettings | None = None,
     noise: RunNoise | None = None,
     *,
-    callback: ProgressCallback | None = None,
+    host: HostContext | None = None,
 ) -> torch.Tensor:
     """
     Runs the STAR sampler on an LR latent: start = diffuse(latent, t_max) with the run's start noise, DPM++2M SDE
-    with the run's Brownian tree, CFG + rescale, temporal chunks per `settings`.
+    with the run's Brownian tree, CFG + rescale, windows per `settings`.
 
     Parameters:
         model (`Callable` or `torch.nn.Module`): `model_fn(x, t, context, hint) -> v`, or a STAR network.
@@ -292,12 +289,14 @@ def sample(
         positive (`torch.Tensor`), negative (`torch.Tensor`): contexts [1,77,1024].
         settings (`SamplerSettings`, *optional*): defaults to the official fast mode.
         noise (`RunNoise`): start noise and Brownian entropy.
-        callback (`Callable`, *optional*): `callback("sample", evaluations_done, total)` after every network
-            call; raising aborts.
+        host (`HostContext`, *optional*): the interrupt check before every network call; progress events
+            ``("sample", calls done, calls in all)`` before every call and, after every solver step, one with
+            ``step``, ``steps`` and the step's ``x0``.
 
     Returns:
         `torch.Tensor`: the sampled latent [1,4,F,h,w], float32.
     """
+    host = _host(host)
     if noise is None:
         raise ValueError("sample: pass noise=RunNoise(seed) (or one with the recorded noises injected)")
     if latent.ndim != 5 or latent.shape[0] != 1:
@@ -307,118 +306,81 @@ def sample(
     latent = latent.to(torch.float32)
     start_noise = noise.diffuse_eps(tuple(latent.shape), device=latent.device)
     brownian = noise.brownian()
-    if callback is not None:
-        model_fn = _counted(model_fn, callback, model_evaluations(settings, latent.shape[2]))
+    grid = plan_evaluations(latent.shape, settings)
+    calls: list[int] = [0, 1]  # calls done, calls in all (set by the first on_evaluation)
+
+    def on_evaluation(done: int, total: int) -> None:
+        host.check_interrupt()
+        calls[:] = [done, total]
+        host.report("sample", done, total)
+
+    def on_step(step: int, steps: int, x: torch.Tensor, x0: torch.Tensor) -> None:
+        per_step = calls[1] // steps
+        host.report("sample", (step + 1) * per_step, calls[1], step=step + 1, steps=steps, x0=x0)
+
     return sample_star(model_fn, latent, positive.to(latent.device, torch.float32),
                        negative.to(latent.device, torch.float32), settings, start_noise=start_noise,
-                       brownian=brownian)
+                       brownian=brownian, callback=on_step, on_evaluation=on_evaluation, grid=grid)
 
 
-def model_evaluations(settings: SamplerSettings, frames: int) -> int:
-    """Number of network calls a run makes: solver steps × temporal chunks × (2 with CFG, unless batched)."""
-    steps = len(k_sigmas(discretized_timesteps(settings.mode, settings.steps, settings.t_max))) - 1
-    chunks = len(plan_chunks(frames, settings.chunk_len, settings.overlap, settings.fusion).windows)
-    passes = 1 if settings.cfg == 1 or settings.batch_cfg else 2
-    return steps * chunks * passes
+def model_evaluations(settings: SamplerSettings, latent_shape: tuple[int, ...]) -> int:
+    """Network calls a run makes: solver steps × windows × (2 with CFG, unless batched)."""
+    from .diffusion.star_sampling import model_passes
+
+    steps = len(solver_sigmas(settings)) - 1
+    return steps * len(plan_evaluations(latent_shape, settings)) * model_passes(settings.cfg, settings.batch_cfg)
 
 
-def _counted(model_fn: ModelFn, callback: ProgressCallback, total: int) -> ModelFn:
-    """`model_fn` reporting `callback("sample", calls_done, total)` after every network call (so a host can
-    cancel within one evaluation by raising)."""
-    calls = 0
-
-    def counted(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint: torch.Tensor | None) -> torch.Tensor:
-        nonlocal calls
-        v = model_fn(x, t, context, hint)
-        calls += 1
-        callback("sample", calls, total)
-        return v
-
-    return counted
+def sample_latent(components: Components, latent: torch.Tensor, spec: RunSpec, *,
+                  host: HostContext | None = None) -> torch.Tensor:
+    """:func:`sample` with the spec's sampler settings and seed, on the host's device; returns the latent there."""
+    host = _host(host)
+    return sample(components.model, latent.to(host.device), components.positive, components.negative,
+                  spec.sampler, RunNoise(spec.seed), host=host)
 
 
-def _vae_decode_windows(
-    vae: VideoVAE, latent: torch.Tensor, options: DecodeOptions, callback: ProgressCallback | None
-) -> Iterator[torch.Tensor]:
-    """Decoded [t,3,H_pad,W_pad] windows in frame order; overlapping windows are blended with the VAE tiling's
-    feather weights and a frame is yielded as soon as every window covering it is decoded."""
-    frames = latent.shape[2]
-    spans = plan_spans(frames, options.window, options.window_overlap)
-    tiling = _tiling(options.tile, options.tile_overlap)
-    device, dtype = _vae_place(vae)
-
-    def run(index: int) -> torch.Tensor:
-        start, end = spans[index]
-        chunk = latent[:, :, start:end].to(device, dtype)
-        progress = _tile_progress(callback, "decode", index, 1, len(spans))
-        return vae.decode(chunk, end - start, 0, tiling=tiling, callback=progress).to(torch.float32)
-
-    if options.window_overlap == 0:
-        for index in range(len(spans)):
-            yield run(index)
-        return
-    weights = feather_weights(spans, frames)
-    pending, pending_start = None, 0  # blended frames [pending_start, pending_start + len) not yet complete
-    for index, ((start, end), weight) in enumerate(zip(spans, weights)):
-        out = run(index) * weight.view(-1, 1, 1, 1).to(device)
-        if pending is None:
-            pending, pending_start = out, start
-        else:
-            keep = pending_start + pending.shape[0]
-            overlap = keep - start
-            pending[pending.shape[0] - overlap:] += out[:overlap]
-            pending = torch.cat([pending, out[overlap:]])
-        # frames before the next window's start are final
-        ready = (spans[index + 1][0] if index + 1 < len(spans) else frames) - pending_start
-        if ready > 0:
-            yield pending[:ready]
-            pending, pending_start = pending[ready:], pending_start + ready
-
-
-def decode_pixels(
-    vae,
-    latent: torch.Tensor,
-    geometry: Geometry,
-    options: DecodeOptions = DecodeOptions(),
-    *,
-    callback: ProgressCallback | None = None,
-) -> Iterator[torch.Tensor]:
+def decode_pixels(vae, latent: torch.Tensor, geometry: Geometry, options: DecodeSpec = DecodeSpec(), *,
+                  host: HostContext | None = None) -> Iterator[torch.Tensor]:
     """
-    Decodes a latent window by window and crops each to the target size: yields [t,3,H,W] in (about) [-1, 1],
-    not clamped (the official `test()` return value, frame window by frame window).
+    Decodes a latent window by window (:func:`star_core.vae.tiled.temporal_plan`, overlaps blended as the windows
+    arrive) and crops each to the target size: yields [t,3,H,W] in (about) [-1, 1], not clamped (the official
+    `test()` return value, window by window). A frame leaves as soon as every window covering it is decoded.
 
     Parameters:
         vae (`star_core.vae.VideoVAE`): the video VAE.
         latent (`torch.Tensor`): [1,4,F,h,w] matching `geometry`.
         geometry (`Geometry`): the run's geometry.
-        options (`DecodeOptions`): temporal windows and spatial tiles.
-        callback (`Callable`, *optional*): `callback("decode", tiles_done, tiles_total)` after every VAE tile;
-            raising aborts.
+        options (`DecodeSpec`): temporal windows and spatial tiles.
+        host (`HostContext`, *optional*): progress (stage ``"decode"``, VAE tiles) and interrupt per tile.
     """
+    host = _host(host)
     geometry.check_latent(latent)
-    for window in _vae_decode_windows(vae, latent, options, callback):
+    windows = temporal_plan(latent.shape[2], options.window, options.window_overlap)
+    tiles = tiling(options.tile, options.tile_overlap)
+    device, dtype = _vae_place(vae)
+
+    def decoded() -> Iterator[torch.Tensor]:
+        for index, (start, stop) in enumerate(windows.spans):
+            chunk = latent[:, :, start:stop].to(device, dtype)
+            progress = host.tile_callback("decode", index, 1, len(windows))
+            yield vae.decode(chunk, stop - start, 0, tiling=tiles, callback=progress).to(torch.float32)
+
+    for window in windows.blend_stream(decoded()):
         yield geometry.crop(window)
 
 
-def decode(
-    vae,
-    latent: torch.Tensor,
-    geometry: Geometry,
-    options: DecodeOptions = DecodeOptions(),
-    *,
-    callback: ProgressCallback | None = None,
-) -> Iterator[torch.Tensor]:
+def decode(vae, latent: torch.Tensor, geometry: Geometry, options: DecodeSpec = DecodeSpec(), *,
+           host: HostContext | None = None) -> Iterator[torch.Tensor]:
     """
     :func:`decode_pixels` converted to ComfyUI frames: yields [t,H,W,3] in 0..1 windows of exactly the target
     size; all windows together hold exactly `geometry.frames` frames.
     """
-    for window in decode_pixels(vae, latent, geometry, options, callback=callback):
+    for window in decode_pixels(vae, latent, geometry, options, host=host):
         yield pixels_to_frames(window.to(torch.float32))
 
 
-def colour_fix(
-    restored: torch.Tensor, lr: torch.Tensor, method: ColourMethod = "adain", strength: float = 1.0
-) -> torch.Tensor:
+def colour_fix(restored: torch.Tensor, lr: torch.Tensor, method: ColourMethod = "adain",
+               strength: float = 1.0) -> torch.Tensor:
     """
     Colour correction of restored frames against the LR frames they came from (per frame, so it works window by
     window): see :func:`star_core.colour.apply_colour_fix`.
@@ -432,59 +394,79 @@ def colour_fix(
     return apply_colour_fix(restored, lr.to(restored.device), method, strength)
 
 
-def upscale_video(
-    frames: torch.Tensor,
-    *,
-    model: ModelFn | torch.nn.Module,
-    vae,
-    positive: torch.Tensor,
-    negative: torch.Tensor,
-    scale: float | None = None,
-    target: tuple[int, int] | None = None,
-    padding: PaddingMode = "official",
-    settings: SamplerSettings | None = None,
-    noise: RunNoise | int = 0,
-    sample_posterior: bool = True,
-    encode_tile: int | None = None,
-    decode_options: DecodeOptions = DecodeOptions(),
-    colour: ColourMethod = "adain",
-    colour_strength: float = 1.0,
-    device: torch.device | str | None = None,
-    callback: ProgressCallback | None = None,
-) -> torch.Tensor:
+class _Frames:
+    """Exact frame counts from a source's single-frame windows (for aligning the LR frames with decoded ones)."""
+
+    def __init__(self, source: FrameSource) -> None:
+        self._windows = source.windows(1)
+        self._name = source.info.name
+
+    def take(self, count: int) -> torch.Tensor:
+        taken = [window for _, window in zip(range(count), self._windows)]
+        if sum(w.shape[0] for w in taken) != count:
+            raise ValueError(f"{self._name} has fewer frames on the second read than on the first: it changed while "
+                             "being processed, or its decoder is not deterministic; re-encode it (e.g. to .mkv)")
+        return torch.cat(taken)
+
+
+def decode_to_sink(vae, latent: torch.Tensor, geometry: Geometry, source: FrameSource, sink: FrameSink,
+                   spec: RunSpec, *, host: HostContext | None = None) -> None:
     """
-    Upscales an in-memory video with STAR: prepare → encode → sample → decode → crop → colour fix.
+    Decodes the sampled latent window by window, colour-fixes each window against the same source frames read
+    again, and hands it to the sink; the sink is aborted (nothing half-written) when anything fails.
 
     Parameters:
-        frames (`torch.Tensor`): LR video [T,H,W,3] in 0..1.
-        model (`Callable` or `torch.nn.Module`): the STAR network or a `model_fn`.
         vae (`star_core.vae.VideoVAE`): the video VAE.
-        positive (`torch.Tensor`), negative (`torch.Tensor`): contexts, e.g. from :func:`encode_prompts`.
-        scale (`float`, *optional*), target (`tuple[int, int]`, *optional*): exactly one of them.
-        padding (`str`): `"official"` or `"minimal"`.
-        settings (`SamplerSettings`, *optional*): sampler settings (official fast mode by default).
-        noise (`RunNoise` or `int`): a seed or a prepared RunNoise.
-        sample_posterior (`bool`): VAE posterior sample (official) or mean.
-        encode_tile (`int`, *optional*): spatial encoder tile in pixels.
-        decode_options (`DecodeOptions`): temporal windows / spatial tiles of the decoder.
-        colour (`str`), colour_strength (`float`): see :func:`colour_fix`.
-        device (`torch.device`, *optional*): where sampling runs (default: the model's device, else CPU).
-        callback (`Callable`, *optional*): `callback(stage, done, total)` for "encode", "sample", "decode".
+        latent (`torch.Tensor`): the sampled latent [1,4,F,h,w].
+        geometry (`Geometry`): the run's geometry.
+        source (`FrameSource`): the LR video the latent came from.
+        sink (`FrameSink`): where the frames go.
+        spec (`RunSpec`): decode and colour options.
+        host (`HostContext`, *optional*): progress and interrupt.
+    """
+    lr_frames = _Frames(source)
+    sink.begin(geometry, source.info.fps)
+    try:
+        for restored in decode(vae, latent, geometry, spec.decode, host=host):
+            lr = lr_frames.take(restored.shape[0])
+            sink.write(colour_fix(restored, lr, spec.colour.method, spec.colour.strength))
+    except BaseException:
+        sink.abort()
+        raise
+    sink.finish()
+
+
+def run(source: FrameSource, sink: FrameSink, spec: RunSpec, components: Components,
+        host: HostContext | None = None) -> Geometry:
+    """
+    Upscales a video with STAR, streaming: source → prepare → encode → sample → decode → crop → colour fix → sink.
+
+    Parameters:
+        source (`FrameSource`): the LR video (read twice, a window at a time).
+        sink (`FrameSink`): receives the output frames in order.
+        spec (`RunSpec`): every option of the run.
+        components (`Components`): the models and text contexts.
+        host (`HostContext`, *optional*): device, progress, interrupt, attention.
 
     Returns:
-        `torch.Tensor`: [T,H_target,W_target,3] float32 in 0..1 on CPU.
+        `Geometry`: the run's geometry (output size, padding, frame count).
     """
-    noise = RunNoise(noise) if isinstance(noise, int) else noise
-    pixels, geometry = prepare_lr(frames, scale=scale, target=target, padding=padding)
-    latent = encode_lr(vae, pixels, geometry, noise, sample=sample_posterior, tile=encode_tile, callback=callback)
-    del pixels
-    if device is None:
-        device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else latent.device
-    latent = sample(model, latent.to(device), positive, negative, settings, noise, callback=callback)
-    out = torch.empty(geometry.frames, *geometry.target_size, 3)
-    start = 0
-    for window in decode(vae, latent, geometry, decode_options, callback=callback):
-        count = window.shape[0]
-        out[start:start + count] = colour_fix(window, frames[start:start + count], colour, colour_strength).cpu()
-        start += count
-    return out
+    host = _host(host)
+    with host.scope():
+        geometry = plan(source.info, spec)
+        latent = encode_source(source, geometry, components.vae, spec, host=host)
+        latent = sample_latent(components, latent, spec, host=host)
+        decode_to_sink(components.vae, latent, geometry, source, sink, spec, host=host)
+    return geometry
+
+
+def upscale_video(frames: torch.Tensor, spec: RunSpec, components: Components, host: HostContext | None = None,
+                  *, fps: Fraction | float | None = None) -> torch.Tensor:
+    """
+    :func:`run` on an in-memory video: [T,H,W,3] in 0..1 → [T,H_target,W_target,3] float32 in 0..1 on the CPU.
+    """
+    sink = TensorSink()
+    run(TensorSource(frames, fps), sink, spec, components, host)
+    assert sink.frames is not None
+    return sink.frames
+

@@ -15,6 +15,9 @@ from typing import Iterator
 
 import av
 import numpy as np
+import torch
+
+from .frames import SourceInfo, to_uint8
 
 # file extensions treated as videos when a folder is scanned
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
@@ -132,24 +135,30 @@ class VideoWriter:
         crf: quality for h264/h265 (lower is better; None = codec default in `DEFAULT_CRF`).
         audio_from: a file whose first audio stream is remuxed (re-encoded to AAC only if the container
             cannot hold its codec), or None for no audio.
+        metadata: container tags (key → text), e.g. ComfyUI's prompt and workflow; MP4/MOV keep custom keys.
     """
 
     def __init__(self, path: str | Path, width: int, height: int, fps: Fraction | float, *, codec: str = "h264",
-                 crf: int | None = None, audio_from: str | Path | None = None) -> None:
+                 crf: int | None = None, audio_from: str | Path | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
         self.path = Path(path)
         self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         self.width, self.height, self.frames_written = width, height, 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._out = av.open(str(self._tmp), "w")
+        custom_tags = {"movflags": "use_metadata_tags"} if metadata and self.path.suffix.lower() in (".mp4", ".mov") \
+            else {}
+        self._out = av.open(str(self._tmp), "w", options=custom_tags)
         try:
+            for key, value in (metadata or {}).items():
+                self._out.metadata[key] = value
             self._video = self._add_video_stream(codec, crf, Fraction(fps).limit_denominator(1_000_000))
             self._audio_in, self._audio_packets, self._audio_out, self._audio_encoder = None, None, None, None
             if audio_from is not None:
                 self._add_audio(Path(audio_from))
         except BaseException:
-            self._abort()
+            self.abort()
             raise
 
     def _add_video_stream(self, codec: str, crf: int | None, fps: Fraction) -> av.video.stream.VideoStream:
@@ -229,7 +238,8 @@ class VideoWriter:
             self._audio_in.close()
         os.replace(self._tmp, self.path)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Close everything and delete the temporary file (``path`` is left untouched)."""
         for container in (self._out, getattr(self, "_audio_in", None)):
             if container is not None:
                 try:
@@ -243,12 +253,12 @@ class VideoWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self._abort()
+            self.abort()
             return
         try:
             self.close()
         except BaseException:
-            self._abort()
+            self.abort()
             raise
 
 
@@ -292,3 +302,62 @@ def write_synthetic_clip(path: str | Path, *, frames: int, width: int, height: i
                 out.mux(tone.encode(frame))
             out.mux(tone.encode(None))
     return path
+
+
+class FileSource:
+    """
+    A video file as a re-readable :class:`star_core.frames.FrameSource` (decoded window by window with PyAV).
+
+    Parameters:
+        path: the video file (probed at once: a missing or unreadable file raises here).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.video = probe_video(path)
+        self.info = SourceInfo(self.video.frame_count, self.video.height, self.video.width, self.video.fps,
+                               self.video.path.name)
+
+    def windows(self, size: int) -> Iterator[torch.Tensor]:
+        for window in read_frames(self.video.path, size):
+            yield torch.from_numpy(window).to(torch.float32).div_(255)
+
+
+class VideoFileSink:
+    """
+    A :class:`star_core.frames.FrameSink` that encodes the frames into a video file with `VideoWriter` (official
+    uint8 truncation, audio remuxed, written atomically: an aborted run leaves no file).
+
+    Parameters:
+        path: output file.
+        codec, crf, metadata: see `VideoWriter`.
+        audio_from: a file whose audio is copied alongside, or None.
+    """
+
+    def __init__(self, path: str | Path, *, codec: str = "h264", crf: int | None = None,
+                 audio_from: str | Path | None = None, metadata: dict[str, str] | None = None) -> None:
+        self.path, self.codec, self.crf, self.audio_from = Path(path), codec, crf, audio_from
+        self.metadata = metadata
+        self._writer: VideoWriter | None = None
+
+    def begin(self, geometry, fps) -> None:
+        height, width = geometry.target_size
+        self._writer = VideoWriter(self.path, width, height, fps or 24, codec=self.codec, crf=self.crf,
+                                   audio_from=self.audio_from, metadata=self.metadata)
+
+    def write(self, frames) -> None:
+        assert self._writer is not None, "begin() first"
+        self._writer.write(to_uint8(frames).cpu().numpy())
+
+    def finish(self) -> None:
+        assert self._writer is not None, "begin() first"
+        writer, self._writer = self._writer, None
+        try:
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None

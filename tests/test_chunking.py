@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from star_core.diffusion.chunking import FUSIONS, official_overlap, official_windows, plan_chunks
+from star_core.diffusion.chunking import FUSIONS, plan_chunks
+from star_core.windows import official_overlap, official_spans
 
 LENGTHS = [1, 2, 3, 4, 5, 8, 12, 16, 32]
 
@@ -15,13 +16,13 @@ LENGTHS = [1, 2, 3, 4, 5, 8, 12, 16, 32]
 def _assert_valid(plan, frames):
     covered = torch.zeros(frames, dtype=torch.bool)
     previous = (-1, -1)
-    for (start, end), weight in zip(plan.windows, plan.weights):
+    for (start, end), weight in zip(plan.spans, plan.weights):
         assert 0 <= start < end <= frames
         assert start > previous[0] and end > previous[1]
         assert weight.shape == (end - start,) and bool((weight >= 0).all())
         covered[start:end] = True
         previous = (start, end)
-    assert plan.windows[0][0] == 0 and plan.windows[-1][1] == frames and bool(covered.all())
+    assert plan.spans[0][0] == 0 and plan.spans[-1][1] == frames and bool(covered.all())
     assert bool((plan.weight_sum() > 0).all())
 
 
@@ -30,12 +31,12 @@ def test_official_windows_match_make_chunks(fixtures_dir):
     assert len(cases) >= 5
     for name, expected in cases.items():
         frames, length = (int(part[1:]) for part in name.split("_"))
-        assert official_windows(frames, length) == [tuple(w) for w in expected], name
+        assert official_spans(frames, length) == [tuple(w) for w in expected], name
         plan = plan_chunks(frames, length, fusion="official")
         if frames > 1.25 * length:
-            assert plan.windows == tuple(tuple(w) for w in expected), name
+            assert plan.spans == tuple(tuple(w) for w in expected), name
         else:  # the official stitching crashes on its single window here: two windows of at most L frames
-            assert len(plan.windows) == 2 and all(e - s <= length for s, e in plan.windows), name
+            assert len(plan.spans) == 2 and all(e - s <= length for s, e in plan.spans), name
 
 
 @pytest.mark.parametrize("length", LENGTHS)
@@ -48,14 +49,14 @@ def test_official_plan_for_every_frame_count(length):
         assert all(set(w.unique().tolist()) <= {0.0, 1.0} for w in plan.weights)
         assert torch.equal(plan.weight_sum(), torch.ones(frames))
         if frames <= length:
-            assert plan.windows == ((0, frames),)
+            assert plan.spans == ((0, frames),)
         elif frames > 1.25 * length:
-            starts = [s for s, _ in plan.windows]
+            starts = [s for s, _ in plan.spans]
             assert starts == [k * stride for k in range(len(starts))]
-            assert all(e - s == length for s, e in plan.windows[:-1])
+            assert all(e - s == length for s, e in plan.spans[:-1])
             assert all(s + 1.25 * length < frames for s in starts[:-1]) and starts[-1] + 1.25 * length >= frames
         else:
-            assert plan.windows == ((0, length), (stride, frames))
+            assert plan.spans == ((0, length), (stride, frames))
 
 
 @pytest.mark.parametrize("fusion", ["linear", "hann"])
@@ -66,19 +67,19 @@ def test_crossfade_plan_for_every_frame_count(fusion, length, overlap):
         plan = plan_chunks(frames, length, overlap, fusion)
         _assert_valid(plan, frames)
         if frames <= length:
-            assert plan.windows == ((0, frames),)
+            assert plan.spans == ((0, frames),)
             continue
-        assert all(e - s == length for s, e in plan.windows)
-        gaps = [a[1] - b[0] for a, b in zip(plan.windows, plan.windows[1:])]
+        assert all(e - s == length for s, e in plan.spans)
+        gaps = [a[1] - b[0] for a, b in zip(plan.spans, plan.spans[1:])]
         assert min(gaps) >= wanted
-        assert len(plan.windows) == math.ceil((frames - wanted) / (length - wanted))
+        assert len(plan.spans) == math.ceil((frames - wanted) / (length - wanted))
         for weight in plan.weights:  # never zero at a window's first or last frame
             assert weight[0] > 0 and weight[-1] > 0
 
 
 def test_crossfade_ramps():
     linear = plan_chunks(7, 5, overlap=3, fusion="linear")
-    assert linear.windows == ((0, 5), (2, 7))
+    assert linear.spans == ((0, 5), (2, 7))
     assert torch.allclose(linear.weights[1], torch.tensor([0.25, 0.5, 0.75, 1.0, 1.0]))
     assert torch.allclose(linear.weights[0], torch.tensor([1.0, 1.0, 0.75, 0.5, 0.25]))
     hann = plan_chunks(7, 5, overlap=3, fusion="hann")
@@ -91,12 +92,12 @@ def test_official_fusion_is_the_hard_cut_stitch():
     frames, length = 10, 4
     plan = plan_chunks(frames, length, fusion="official")
     generator = torch.Generator().manual_seed(0)
-    chunks = [torch.randn(1, 4, e - s, 3, 2, generator=generator) for s, e in plan.windows]
+    chunks = [torch.randn(1, 4, e - s, 3, 2, generator=generator) for s, e in plan.spans]
     acc = torch.zeros(1, 4, frames, 3, 2)
     for index, chunk in enumerate(chunks):
-        plan.accumulate(acc, index, chunk)
-    fused = plan.normalize(acc)
-    overlap = plan.windows[0][1] - plan.windows[1][0]
+        plan.accumulate(acc, index, chunk, dim=2)
+    fused = plan.normalize(acc, dim=2)
+    overlap = plan.spans[0][1] - plan.spans[1][0]
     cut = overlap // 2
     pieces = [chunks[0][:, :, :length + cut - overlap]]
     pieces += [c[:, :, cut:c.shape[2] + cut - overlap] for c in chunks[1:-1]]
@@ -110,9 +111,9 @@ def test_fusion_reproduces_agreeing_chunks(fusion):
     plan = plan_chunks(frames, 8, fusion=fusion)
     full = torch.randn(1, 4, frames, 2, 3, generator=torch.Generator().manual_seed(1))
     acc = torch.zeros_like(full)
-    for index, (start, end) in enumerate(plan.windows):
-        plan.accumulate(acc, index, full[:, :, start:end])
-    assert (plan.normalize(acc) - full).abs().max().item() <= 1e-6
+    for index, (start, end) in enumerate(plan.spans):
+        plan.accumulate(acc, index, full[:, :, start:end], dim=2)
+    assert (plan.normalize(acc, dim=2) - full).abs().max().item() <= 1e-6
 
 
 def test_bad_plans_raise():

@@ -100,15 +100,17 @@ def test_download_command_reports_missing_files_offline(tmp_path: Path, capsys) 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_progress_bars_follow_pipeline_callbacks() -> None:
+def test_progress_bars_follow_pipeline_events() -> None:
+    from star_core.host import ProgressEvent
+
     progress = cli.Progress("clip.mp4", enabled=True)  # bars draw on the captured stderr
-    progress("encode", 4, 12)
-    progress.steps = 14
-    progress("sample", 30, 84)  # 84 chunk calls = 14 steps x 3 chunks x 2 (CFG)
-    progress("decode", 3, 12)
+    progress(ProgressEvent("encode", 4, 12))
+    progress(ProgressEvent("sample", 30, 84))  # 84 calls = 14 steps x 3 chunks x 2 (CFG)
+    progress(ProgressEvent("sample", 36, 84, step=6, steps=14))
+    progress(ProgressEvent("decode", 3, 12))
     bars = progress.bars
     assert (bars["encode"].n, bars["encode"].total) == (4, 12)
-    assert (bars["sample"].n, bars["sample"].total) == (30, 84)
-    assert (bars["steps"].n, bars["steps"].total) == (5, 14)
+    assert (bars["sample"].n, bars["sample"].total) == (36, 84)
+    assert (bars["steps"].n, bars["steps"].total) == (6, 14)
     assert (bars["decode"].n, bars["decode"].total) == (3, 12)
     progress.close()

@@ -19,7 +19,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "streaming.py"
 def _measure(frames: int, models: Path) -> dict:
     sampler = "--solver-mode normal --steps 1 --cfg 1 --chunk-len 8"  # short: memory is what is measured
     command = [sys.executable, str(BENCH), "--one", str(frames), "--json", "--models", str(models),
-               "--width", "96", "--height", "64", "--sampler", sampler]
+               "--width", "96", "--height", "64", "--sampler", sampler, "--no-cli"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from star_core.checkpoint import load_star_model
 from star_core.model import (STARConfig, STARUNet, SpatialLIEM, TemporalLIEM, check_latent_size,
                              config_from_state_dict, get_attention_function, sdpa_attention,
-                             set_attention_function, sinusoidal_embedding)
+                             sinusoidal_embedding, use_attention)
 import importlib
 from star_core.verify.forward import load_fixture_model
 from star_core.verify.manifest import check_manifest
@@ -120,14 +120,11 @@ def test_attention_is_replaceable_and_sliced(tiny_model, forward_data, monkeypat
         return sdpa_attention(q, k, v, heads)
 
     with torch.inference_mode():
-        set_attention_function(counting)
-        try:
+        with use_attention(counting):
             assert get_attention_function() is counting
             # A tiny score budget forces every call to be split into many slices; the result must not change.
             monkeypatch.setattr(importlib.import_module("star_core.model.attention"), "MAX_SCORES_PER_CALL", 64)
             out = tiny_model(d["x_t"], d["t"], d["y"], d["hint"])
-        finally:
-            set_attention_function(None)
     assert get_attention_function() is sdpa_attention
     assert calls and max(calls) < 5 * 10 * 12  # the temporal batch (h*w positions) was sliced
     assert _max_err(out, d["out"]) <= TOL

@@ -9,12 +9,13 @@ import torch
 from safetensors import safe_open
 
 from star_core.checkpoint import load_star_model
-from star_core.diffusion.star_sampling import SamplerSettings
+from star_core.frames import TensorSink, TensorSource, to_uint8
+from star_core.host import HostContext
 from star_core.pipeline import (
-    DecodeOptions, decode, decode_pixels, encode_lr, model_evaluations, prepare_lr, prepare_windows, to_uint8,
-    upscale_video,
+    Components, decode, decode_pixels, encode_lr, model_evaluations, prepare_lr, prepare_windows, run, upscale_video,
 )
 from star_core.seeds import RunNoise
+from star_core.spec import DEFAULTS, DecodeSpec
 from star_core.vae import SpatialTiling, load_svd_vae
 
 
@@ -81,36 +82,80 @@ def tiny_parts(fixtures_dir):
     vae = load_svd_vae(fixtures_dir / "vae_tiny.safetensors", config=fixtures_dir / "vae_tiny_config.json")
     g = torch.Generator().manual_seed(0)
     width = model.config.context_dim
-    return model, vae, torch.randn(1, 77, width, generator=g), torch.randn(1, 77, width, generator=g)
+    return Components(model, vae, torch.randn(1, 77, width, generator=g), torch.randn(1, 77, width, generator=g))
+
+
+NON_OFFICIAL = {"output.scale": 2.0, "output.padding": "minimal", "sampler.mode": "normal", "sampler.steps": 2,
+                "sampler.chunk_len": 3, "sampler.overlap": 1, "sampler.fusion": "hann", "decode.window": 2,
+                "decode.window_overlap": 1, "decode.tile": 32, "decode.tile_overlap": 16, "seed": 7}
 
 
 def test_tiny_run_non_official_options_exact_output(tiny_parts):
     """Minimal padding, odd sizes, blended chunks, overlapping decode windows and spatial tiles."""
-    model, vae, positive, negative = tiny_parts
     frames = torch.rand(5, 10, 14, 3, generator=torch.Generator().manual_seed(1))
-    settings = SamplerSettings(mode="normal", steps=2, chunk_len=3, overlap=1, fusion="hann")
-    options = DecodeOptions(window=2, window_overlap=1, tile=32, tile_overlap=16)
-    events: list[tuple[str, int, int]] = []
-    out = upscale_video(frames, model=model, vae=vae, positive=positive, negative=negative, scale=2,
-                        padding="minimal", settings=settings, noise=7, decode_options=options,
-                        callback=lambda *e: events.append(e))
+    spec = DEFAULTS.with_options(NON_OFFICIAL)
+    events = []
+    out = upscale_video(frames, spec, tiny_parts, HostContext(progress=events.append))
     assert out.shape == (5, 20, 28, 3) and out.dtype == torch.float32
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
-    samples = [e for e in events if e[0] == "sample"]
-    assert len(samples) == model_evaluations(settings, 5) == samples[-1][2] == samples[-1][1]
-    assert [e[0] for e in events if e[0] != "sample"][-1] == "decode"
+    samples = [e for e in events if e.stage == "sample"]
+    calls = model_evaluations(spec.sampler, (1, 4, 5, 10, 8))
+    assert calls == 2 * 2 * 2  # 2 steps x 2 chunks (3 frames, overlap 1, over 5) x 2 CFG passes
+    assert [e.done for e in samples if e.step is None] == list(range(calls))  # before every network call
+    assert [(e.step, e.steps, e.done, e.total) for e in samples if e.step is not None] == [(1, 2, 4, 8), (2, 2, 8, 8)]
+    assert all(e.x0.shape == (1, 4, 5, 10, 8) for e in samples if e.step is not None)  # 20x28 padded to 80x64
+    assert [e.stage for e in events if e.stage != "sample"][-1] == "decode"
     for stage in ("encode", "decode"):
-        last = [e for e in events if e[0] == stage][-1]
-        assert last[1] == last[2] > 0
-    # the same seed gives the same video
-    again = upscale_video(frames, model=model, vae=vae, positive=positive, negative=negative, scale=2,
-                          padding="minimal", settings=settings, noise=7, decode_options=options)
-    assert torch.equal(out, again)
+        last = [e for e in events if e.stage == stage][-1]
+        assert last.done == last.total > 0
+    # the same seed gives the same video, another seed another one
+    assert torch.equal(out, upscale_video(frames, spec, tiny_parts))
+    other = upscale_video(frames, spec.with_options({"seed": 8}), tiny_parts)
+    assert (other - out).abs().max() > 1e-3
+
+
+def test_interrupt_stops_within_one_network_call_and_aborts_the_sink(tiny_parts):
+    frames = torch.rand(3, 6, 8, 3, generator=torch.Generator().manual_seed(2))
+    spec = DEFAULTS.with_options({**NON_OFFICIAL, "decode.tile": None})
+    calls = []
+
+    class Cancelled(Exception):
+        pass
+
+    def interrupt():
+        if len(calls) >= 3:
+            raise Cancelled
+
+    def model_fn(x, t, context, hint):
+        calls.append(1)
+        return tiny_parts.model(x, t, context, hint)
+
+    sink = TensorSink()
+    parts = Components(model_fn, tiny_parts.vae, tiny_parts.positive, tiny_parts.negative)
+    with pytest.raises(Cancelled):
+        run(TensorSource(frames), sink, spec, parts, HostContext(interrupt=interrupt))
+    assert len(calls) == 3 and sink.frames is None  # nothing was begun: the sink only opens for decoding
+
+    decoded = []
+
+    def interrupt_in_decode():
+        if decoded:
+            raise Cancelled
+
+    class Sink(TensorSink):
+        def write(self, frames):
+            decoded.append(frames.shape[0])
+            super().write(frames)
+
+    sink = Sink()
+    with pytest.raises(Cancelled):
+        run(TensorSource(frames), sink, spec, tiny_parts, HostContext(interrupt=interrupt_in_decode))
+    assert decoded == [1] and sink.frames is None  # stopped at the next tile, the sink aborted
 
 
 def test_streamed_stages_match_whole_video_calls(tiny_parts):
     """encode from an iterator of windows == from a tensor; streamed blended decode == the VAE's whole decode."""
-    _, vae, _, _ = tiny_parts
+    vae = tiny_parts.vae
     frames = torch.rand(4, 9, 11, 3, generator=torch.Generator().manual_seed(2))
     pixels, geometry = prepare_lr(frames, target=(17, 23), padding="minimal", fps=24.0)
     assert geometry.target_size == (17, 23) and geometry.fps == 24.0
@@ -118,7 +163,7 @@ def test_streamed_stages_match_whole_video_calls(tiny_parts):
     windows = prepare_windows((frames[i:i + 3] for i in range(0, 4, 3)), geometry)
     streamed = encode_lr(vae, windows, geometry, RunNoise(3))
     assert torch.equal(whole, streamed)
-    options = DecodeOptions(window=2, window_overlap=1, tile=32, tile_overlap=8)
+    options = DecodeSpec(window=2, window_overlap=1, tile=32, tile_overlap=8)
     chunks = list(decode_pixels(vae, whole, geometry, options))
     assert [c.shape[0] for c in chunks] == [1, 1, 2]  # a frame leaves as soon as its windows are decoded
     reference = vae.decode(whole, 2, 1, tiling=SpatialTiling(32, 8))
@@ -128,21 +173,13 @@ def test_streamed_stages_match_whole_video_calls(tiny_parts):
 
 
 def test_one_frame_and_errors(tiny_parts):
-    model, vae, positive, negative = tiny_parts
+    vae = tiny_parts.vae
     frames = torch.rand(1, 7, 9, 3, generator=torch.Generator().manual_seed(4))
-    settings = SamplerSettings(mode="normal", steps=1, cfg=1.0)
-    out = upscale_video(frames, model=model, vae=vae, positive=positive, negative=negative, target=(13, 17),
-                        padding="minimal", settings=settings, noise=RunNoise(1), colour="wavelet",
-                        colour_strength=0.5)
+    spec = DEFAULTS.with_options({"output.target": (13, 17), "output.padding": "minimal", "sampler.mode": "normal",
+                                  "sampler.steps": 2, "sampler.cfg": 1.0, "colour.method": "wavelet",
+                                  "colour.strength": 0.5, "seed": 1})
+    out = upscale_video(frames, spec, tiny_parts)
     assert out.shape == (1, 13, 17, 3)
-
-    def cancel(stage: str, done: int, total: int) -> None:
-        if stage == "sample":
-            raise InterruptedError("cancelled")
-
-    with pytest.raises(InterruptedError):
-        upscale_video(frames, model=model, vae=vae, positive=positive, negative=negative, scale=2,
-                      padding="minimal", settings=settings, callback=cancel)
     pixels, geometry = prepare_lr(frames, scale=2, padding="minimal")
     with pytest.raises(ValueError, match="needs a RunNoise"):
         encode_lr(vae, pixels, geometry)

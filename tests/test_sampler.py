@@ -1,6 +1,8 @@
 """DPM++(2M) SDE + CFG rescale + chunking against the official sampler fixtures, and sampler behaviour."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 
 import pytest
@@ -82,7 +84,7 @@ def test_batch_cfg_equals_two_passes():
     two, one = ToyModel(), ToyModel()
     settings = SamplerSettings(mode="normal", steps=5, chunk_len=4, fusion="hann")
     a = sample_star(two, lr, positive, negative, settings, start_noise=noise, brownian=5)
-    settings.batch_cfg = True
+    settings = dataclasses.replace(settings, batch_cfg=True)
     b = sample_star(one, lr, positive, negative, settings, start_noise=noise, brownian=5)
     assert (a - b).abs().max().item() <= 1e-5
     assert set(two.calls) == {1} and set(one.calls) == {2} and len(two.calls) == 2 * len(one.calls)
@@ -142,7 +144,11 @@ def test_bad_inputs_raise():
         sample_star(ToyModel(), lr, positive, negative, SamplerSettings(), start_noise=noise[:, :, :2], brownian=0)
     with pytest.raises(ValueError, match="injected noise tensors given"):
         sample_star(ToyModel(), lr, positive, negative, SamplerSettings(), start_noise=noise, brownian=[noise])
-    with pytest.raises(ValueError, match="SamplerSettings.fusion"):
+    with pytest.raises(ValueError, match="sampler.fusion must be one of official, linear, hann; got 'cubic'"):
         SamplerSettings(fusion="cubic")
+    with pytest.raises(ValueError, match=r"sampler.cfg must be a finite number, got nan"):
+        SamplerSettings(cfg=float("nan"))
+    with pytest.raises(ValueError, match=r"sampler.overlap \(4\) must be smaller than the chunk length \(4\)"):
+        SamplerSettings(chunk_len=4, overlap=4)
     with pytest.raises(ValueError, match="Brownian entropy"):
         sample_star(ToyModel(), lr, positive, negative, SamplerSettings(), start_noise=noise, brownian=-1)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunking import DEFAULT_FUSION, FUSIONS, ChunkPlan, plan_chunks
+from ..options import Section, SpecError, option
+from ..windows import Grid, official_overlap
+from .chunking import DEFAULT_FUSION, FUSIONS, plan_chunks
 from .guidance import cfg_rescale
 from .noise import BrownianTreeNoiseSampler, InjectedNoiseSampler
 from .sampler import StepCallback, sample_dpmpp_2m_sde
@@ -16,13 +18,14 @@ from .schedule import MODES, T_MAX, alphas_vp, c_in, diffuse, discretized_timest
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class SamplerSettings:
+@dataclass(frozen=True)
+class SamplerSettings(Section):
     """User-facing sampler options (official defaults).
 
     Parameters:
-        mode (`str`): ``"fast"`` (fixed 14 model evaluations; ``steps`` ignored) or ``"normal"``.
-        steps (`int`): model evaluations in normal mode.
+        mode (`str`): ``"fast"`` (the official 15-step schedule: fixed 14 model evaluations, ``steps`` ignored) or
+            ``"normal"``.
+        steps (`int`): steps in normal mode.
         cfg (`float`): guidance scale; 1 runs the positive pass only.
         rescale (`float`): CFG std rescale strength in [0, 1].
         t_max (`int`): start timestep (899 = the official 900 levels; see ``schedule.t_max_for_denoise``).
@@ -32,65 +35,112 @@ class SamplerSettings:
         batch_cfg (`bool`): run the positive and negative passes as one batch of 2 (same numbers, faster on GPU).
     """
 
-    mode: str = "fast"
-    steps: int = 15
-    cfg: float = 7.5
-    rescale: float = 0.2
-    t_max: int = T_MAX
-    chunk_len: int = 32
-    overlap: int | None = None
-    fusion: str = DEFAULT_FUSION
-    batch_cfg: bool = False
+    PREFIX = "sampler"
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"SamplerSettings.mode must be one of {MODES}, got {self.mode!r}")
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"SamplerSettings.fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if not 0 <= self.rescale <= 1:
-            raise ValueError(f"SamplerSettings.rescale must be in [0, 1], got {self.rescale}")
+    mode: str = option("fast", "fast: the official 15-step schedule (14 model evaluations; steps is not used). "
+                       "normal: `steps` evenly spaced steps.", choices=MODES)
+    steps: int = option(15, "Solver steps in normal mode (the official fast mode always runs 15).",
+                        minimum=1, maximum=1000)
+    cfg: float = option(7.5, "Classifier-free guidance scale (official 7.5; 1 skips the negative pass).",
+                        minimum=0.0, maximum=100.0, step=0.1)
+    rescale: float = option(0.2, "CFG rescale strength (official 0.2).", minimum=0.0, maximum=1.0, step=0.01)
+    t_max: int = option(T_MAX, "Start timestep (899 = all of STAR's 900 noise levels, official).",
+                        minimum=1, maximum=999)
+    chunk_len: int = option(32, "Maximum latent frames per model call (official 32); lower needs less memory.",
+                            minimum=1, maximum=100_000)
+    overlap: int | None = option(None, "Frames shared by neighbouring chunks (automatic: chunk length // 4; the "
+                                 "official fusion always uses half a chunk).", minimum=0, kind=int)
+    fusion: str = option(DEFAULT_FUSION, "How overlapping chunks are joined: official hard cuts, or linear / hann "
+                         "cross-fades (smoother seams on long videos).", choices=FUSIONS)
+    batch_cfg: bool = option(False, "Run the positive and negative passes as one batch of 2 (same numbers, "
+                             "faster on GPUs, more memory).")
+
+    def check(self) -> None:
+        if self.overlap is not None and self.fusion != "official" and self.overlap >= self.chunk_len:
+            raise SpecError(self.path("overlap"), f"({self.overlap}) must be smaller than the chunk length "
+                            f"({self.chunk_len})")
+        if self.overlap is not None and self.fusion == "official" and self.overlap != official_overlap(self.chunk_len):
+            raise SpecError(self.path("overlap"), f"must be left automatic with the official fusion (it always "
+                            f"overlaps by {official_overlap(self.chunk_len)} frames for a chunk length of "
+                            f"{self.chunk_len}); use fusion linear or hann for another overlap")
+
+
+# on_evaluation(done, total): called before each network call with the calls finished so far; raising stops the run.
+EvaluationCallback = Callable[[int, int], None]
+
+
+def plan_evaluations(latent_shape: Sequence[int], settings: SamplerSettings) -> Grid:
+    """
+    The windows one denoiser evaluation visits on a latent ``[B,C,F,h,w]``: the temporal chunks of ``settings``
+    (dim 2). One window means one network call per CFG pass.
+
+    Parameters:
+        latent_shape (`Sequence[int]`): shape of the latent.
+        settings (`SamplerSettings`): chunk length, overlap and fusion.
+    """
+    return Grid((plan_chunks(int(latent_shape[2]), settings.chunk_len, settings.overlap, settings.fusion),), (2,))
+
+
+def model_passes(cfg: float, batch_cfg: bool) -> int:
+    """Network calls per window and evaluation: 2 with CFG (positive and negative), 1 without or when batched."""
+    return 1 if cfg == 1 or batch_cfg else 2
 
 
 class StarDenoiser:
-    """The official ``model_fn``/``model_chunk_fn``: ``(x, sigma) -> x0`` with CFG + rescale per temporal chunk.
+    """The official ``model_fn``/``model_chunk_fn``: ``(x, sigma) -> x0`` with CFG + rescale per window.
 
     The network gets ``x·c_in(sigma)`` (continuous sigma) and the rounded integer t; x0 uses alpha/sigma of that
-    rounded t (the official quirk). Chunks are denoised one after another and fused into one full-length x0.
+    rounded t (the official quirk). Windows (temporal chunks) are denoised one after another and blended into one
+    full-size x0 by the grid's weights; a single window is the plain official call.
 
     Parameters:
         model_fn (`ModelFn`): v-prediction network call.
         hint (`torch.Tensor`): clean LR latent ``[1,4,F,h,w]`` (ControlNet hint).
         positive (`torch.Tensor`): positive text context ``[1,77,D]``.
         negative (`torch.Tensor`): negative text context ``[1,77,D]``.
-        plan (`ChunkPlan`): temporal windows and fusion weights.
+        grid (`Grid`): the windows of one evaluation and their blending weights (see :func:`plan_evaluations`).
         cfg (`float`): guidance scale.
         rescale (`float`): std rescale strength.
         batch_cfg (`bool`): one batch of 2 instead of two passes.
+        on_evaluation (`Callable`, *optional*): ``on_evaluation(done, total)`` before every network call, with
+            ``total`` = calls per denoiser evaluation × ``evaluations``; raising stops the run.
+        evaluations (`int`): denoiser evaluations the run will make (for ``total``).
     """
 
     def __init__(self, model_fn: ModelFn, hint: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
-                 plan: ChunkPlan, cfg: float, rescale: float, batch_cfg: bool = False) -> None:
+                 grid: Grid, cfg: float, rescale: float, batch_cfg: bool = False, *,
+                 on_evaluation: EvaluationCallback | None = None, evaluations: int = 1) -> None:
         self.model_fn = model_fn
         self.hint = hint
         self.positive = positive
         self.negative = negative
-        self.plan = plan
+        self.grid = grid
         self.cfg = cfg
         self.rescale = rescale
         self.batch_cfg = batch_cfg
+        self.on_evaluation = on_evaluation
+        self.calls = 0
+        self.total_calls = evaluations * len(grid) * model_passes(cfg, batch_cfg)
         self._sigmas_vp = sigmas_vp().to(hint.device)
         self._alphas_vp = alphas_vp().to(hint.device)
 
+    def _call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+        if self.on_evaluation is not None:
+            self.on_evaluation(self.calls, self.total_calls)
+        v = self.model_fn(x, t, context, hint).to(x.dtype)
+        self.calls += 1
+        return v
+
     def _v(self, xt: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
         if self.cfg == 1:
-            return self.model_fn(xt, t, self.positive, hint).to(xt.dtype)
+            return self._call(xt, t, self.positive, hint)
         if self.batch_cfg:
-            both = self.model_fn(torch.cat([xt, xt]), t.repeat(2), torch.cat([self.positive, self.negative]),
-                                 torch.cat([hint, hint])).to(xt.dtype)
+            both = self._call(torch.cat([xt, xt]), t.repeat(2), torch.cat([self.positive, self.negative]),
+                              torch.cat([hint, hint]))
             cond, uncond = both.chunk(2)
         else:
-            cond = self.model_fn(xt, t, self.positive, hint).to(xt.dtype)
-            uncond = self.model_fn(xt, t, self.negative, hint).to(xt.dtype)
+            cond = self._call(xt, t, self.positive, hint)
+            uncond = self._call(xt, t, self.negative, hint)
         return cfg_rescale(cond, uncond, self.cfg, self.rescale)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -98,15 +148,20 @@ class StarDenoiser:
         t = model_timestep(sigma, len(xt)).to(x.device)
         shape = (-1,) + (1,) * (xt.ndim - 1)
         alpha_t, sigma_t = self._alphas_vp[t].view(shape), self._sigmas_vp[t].view(shape)
-        if len(self.plan.windows) == 1:
+        if self.grid.is_single():
             return alpha_t * xt - sigma_t * self._v(xt, t, self.hint)
         acc = torch.zeros_like(xt)
-        for index, (start, end) in enumerate(self.plan.windows):
-            xt_chunk = xt[:, :, start:end].contiguous()
-            v = self._v(xt_chunk, t, self.hint[:, :, start:end].contiguous())
-            self.plan.accumulate(acc, index, alpha_t * xt_chunk - sigma_t * v)
-            del v  # free this chunk's prediction before the next chunk's forward
-        return self.plan.normalize(acc)
+        for index in self.grid.indices():
+            xt_window = self.grid.slice(xt, index).contiguous()
+            v = self._v(xt_window, t, self.grid.slice(self.hint, index).contiguous())
+            self.grid.accumulate(acc, index, alpha_t * xt_window - sigma_t * v)
+            del v  # free this window's prediction before the next window's forward
+        return self.grid.normalize(acc)
+
+
+def solver_sigmas(settings: SamplerSettings, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The k-sigmas the solver walks for ``settings`` (one denoiser evaluation per sigma but the last 0)."""
+    return k_sigmas(discretized_timesteps(settings.mode, settings.steps, settings.t_max)).to(device)
 
 
 def _check_latent(name: str, tensor: torch.Tensor, like: torch.Tensor) -> None:
@@ -125,6 +180,8 @@ def sample_star(
     start_noise: torch.Tensor,
     brownian: int | Sequence[torch.Tensor],
     callback: StepCallback | None = None,
+    on_evaluation: EvaluationCallback | None = None,
+    grid: Grid | None = None,
 ) -> torch.Tensor:
     """STAR's ``sample_sr``: noise the LR latent to ``t_max``, then DPM++(2M) SDE with CFG + rescale and chunking.
 
@@ -138,6 +195,9 @@ def sample_star(
         start_noise (`torch.Tensor`): standard normal noise for ``diffuse(lr_latent, t_max)``, shaped like the latent.
         brownian (`int | Sequence[torch.Tensor]`): Brownian-tree entropy, or recorded unit noises (one per noisy step).
         callback (`Callable`, *optional*): ``callback(step, total, x, x0)`` after every solver step; raise to stop.
+        on_evaluation (`Callable`, *optional*): ``on_evaluation(done, total)`` before every network call; raise to
+            stop (the run then stops within one network call).
+        grid (`Grid`, *optional*): the windows of one evaluation (default :func:`plan_evaluations`).
 
     Returns:
         `torch.Tensor`: the sampled latent ``[1,4,F,h,w]``.
@@ -148,8 +208,7 @@ def sample_star(
     for name, context in (("positive", positive), ("negative", negative)):
         if context.ndim != 3 or context.shape[0] != lr_latent.shape[0]:
             raise ValueError(f"{name} context must be [{lr_latent.shape[0]},77,D], got shape {tuple(context.shape)}")
-    timesteps = discretized_timesteps(settings.mode, settings.steps, settings.t_max)
-    sigmas = k_sigmas(timesteps).to(lr_latent.device)
+    sigmas = solver_sigmas(settings, lr_latent.device)
     x = diffuse(lr_latent, settings.t_max, start_noise) * sigmas[0]
     if isinstance(brownian, int):
         positive_sigmas = sigmas[sigmas > 0]
@@ -158,7 +217,7 @@ def sample_star(
         for k, noise in enumerate(brownian):
             _check_latent(f"brownian[{k}]", noise, lr_latent)
         noise_sampler = InjectedNoiseSampler(brownian)
-    plan = plan_chunks(lr_latent.shape[2], settings.chunk_len, settings.overlap, settings.fusion)
-    denoiser = StarDenoiser(model_fn, lr_latent, positive, negative, plan, settings.cfg, settings.rescale,
-                            settings.batch_cfg)
+    grid = plan_evaluations(lr_latent.shape, settings) if grid is None else grid
+    denoiser = StarDenoiser(model_fn, lr_latent, positive, negative, grid, settings.cfg, settings.rescale,
+                            settings.batch_cfg, on_evaluation=on_evaluation, evaluations=len(sigmas) - 1)
     return sample_dpmpp_2m_sde(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback)

@@ -1,7 +1,9 @@
 """The one attention function every transformer in the model calls; hosts may replace it."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -33,23 +35,28 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     return out.transpose(1, 2).reshape(b, lq, inner)
 
 
-_attention_function: AttentionFunction = sdpa_attention
+_attention_function: ContextVar[AttentionFunction] = ContextVar("star_attention_function", default=sdpa_attention)
 
 
-def set_attention_function(fn: AttentionFunction | None) -> None:
+@contextmanager
+def use_attention(fn: AttentionFunction | None) -> Iterator[None]:
     """
-    Replaces the attention implementation for every model (e.g. a host's optimised kernel).
+    Runs the enclosed code with another attention implementation (e.g. a host's optimised kernel). The choice is
+    scoped to the current thread/context and undone on exit, so two hosts or runs never see each other's choice.
 
     Parameters:
-        fn (`Callable[[q, k, v, heads], Tensor]` or `None`): same contract as `sdpa_attention`; ``None`` restores SDPA.
+        fn (`Callable[[q, k, v, heads], Tensor]` or `None`): same contract as `sdpa_attention`; ``None`` keeps SDPA.
     """
-    global _attention_function
-    _attention_function = sdpa_attention if fn is None else fn
+    token = _attention_function.set(sdpa_attention if fn is None else fn)
+    try:
+        yield
+    finally:
+        _attention_function.reset(token)
 
 
 def get_attention_function() -> AttentionFunction:
-    """Returns the attention implementation currently in use."""
-    return _attention_function
+    """Returns the attention implementation in use in the current context."""
+    return _attention_function.get()
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
@@ -65,7 +72,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     Returns:
         `torch.Tensor`: ``[B, Lq, heads * head_dim]``.
     """
-    fn = _attention_function
+    fn = _attention_function.get()
     b, lq, _ = q.shape
     per_item = heads * lq * k.shape[1]
     step = max(1, MAX_SCORES_PER_CALL // per_item)

@@ -25,11 +25,12 @@ from ..diffusion.noise import BrownianTreeNoiseSampler
 from ..diffusion.schedule import diffuse, discretized_timesteps, k_sigmas
 from ..diffusion.star_sampling import SamplerSettings
 from ..model import STARConfig, config_from_state_dict
+from ..frames import to_uint8
 from ..pipeline import (
-    DecodeOptions, colour_fix, decode_pixels, encode_lr, encode_prompts, frames_to_pixels, pixels_to_frames,
-    prepare_lr, sample, to_uint8,
+    colour_fix, decode_pixels, encode_lr, encode_prompts, frames_to_pixels, pixels_to_frames, prepare_lr, sample,
 )
 from ..seeds import RunNoise
+from ..spec import DecodeSpec
 from ..text import NEGATIVE_PROMPT, build_caption, fetch_openclip_vocab, load_text_encoder, openclip_text_options
 from ..vae import load_svd_vae
 from .report import Report
@@ -107,7 +108,7 @@ def _check_set(fixture_dir: Path, data_path: Path, info: dict, report: Report) -
     report.equal(f"{stem}/target_res", list(geometry.target_size), list(info["target_res"]))
     report.equal(f"{stem}/pad_to_fit", list(geometry.padding), list(info["pad_to_fit"]))
     plan = plan_chunks(geometry.frames, settings.chunk_len, fusion="official")
-    report.equal(f"{stem}/chunk_inds", [list(w) for w in plan.windows] if len(plan.windows) > 1 else None,
+    report.equal(f"{stem}/chunk_inds", [list(w) for w in plan.spans] if len(plan.spans) > 1 else None,
                  info["chunk_inds"])
 
     # Seeds: RunNoise(global seed) draws the recorded CPU noises in the official order.
@@ -166,7 +167,7 @@ def _check_set(fixture_dir: Path, data_path: Path, info: dict, report: Report) -
     check("final_latent", final)
 
     # Decode in the official windows, crop, tensor2vid, AdaIN against the LR frames, uint8 truncation.
-    window = DecodeOptions(window=int(info["vae_decode_chunk_size"]), window_overlap=0)
+    window = DecodeSpec(window=int(info["vae_decode_chunk_size"]), window_overlap=0)
     decoded = torch.cat(list(decode_pixels(vae, final, geometry, window)))
     check("video_decoded", decoded.transpose(0, 1).unsqueeze(0))
     restored = colour_fix(pixels_to_frames(decoded), lr, "adain")

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..diffusion.chunking import official_windows, plan_chunks
+from ..diffusion.chunking import plan_chunks
+from ..windows import official_spans
 from ..geometry import pad_to_fit
 from ..text import NEGATIVE_PROMPT, POSITIVE_SUFFIX, ClipTokenizer, fetch_openclip_vocab
 from .report import Report
@@ -69,10 +70,10 @@ def run(fixture_dir: Path, report: Report) -> bool:
     for key, expected in helpers.get("make_chunks", {}).items():
         frames, chunk_len = _frames_and_len(key)
         expected = [list(w) for w in expected]
-        report.equal(f"{stem}/make_chunks/{key}", [list(w) for w in official_windows(frames, chunk_len)], expected)
+        report.equal(f"{stem}/make_chunks/{key}", [list(w) for w in official_spans(frames, chunk_len)], expected)
         if len(expected) > 1:  # a plan the official stitching can run: the sampler's plan must be the same
             plan = plan_chunks(frames, chunk_len, fusion="official")
-            report.equal(f"{stem}/make_chunks/{key}/plan_chunks", [list(w) for w in plan.windows], expected)
+            report.equal(f"{stem}/make_chunks/{key}/plan_chunks", [list(w) for w in plan.spans], expected)
     for key, constant in PROMPT_CONSTANTS.items():
         if key in helpers:
             report.equal(f"{stem}/{key}", constant, helpers[key])

@@ -73,7 +73,7 @@ def _check_run(stem: str, run: dict, tensors: dict[str, torch.Tensor], model, fo
                                chunk_len=run["max_chunk_len"], fusion="official")
     official = run["chunk_inds"] or [[0, frames]]
     plan = plan_chunks(frames, settings.chunk_len, fusion="official")
-    report.equal(f"{stem}/chunk_inds", [list(w) for w in plan.windows], [list(w) for w in official])
+    report.equal(f"{stem}/chunk_inds", [list(w) for w in plan.spans], [list(w) for w in official])
     if "noised_lr" in tensors and "eps" in tensors:
         report.compare(f"{stem}/noised_lr", diffuse(lr_latent, kwargs["t_max"], tensors["eps"]), tensors["noised_lr"])
 
