@@ -219,3 +219,18 @@ def test_train_command(root, tmp_path, capsys):
         assert main(["train", "-o", str(tmp_path / "bad"), "--steps", "1", *common, *extra]) == 1
         err = capsys.readouterr().err
         assert re.search(f"^error: .*{message}", err, re.M), err
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_autocast_precisions_keep_frozen_storage_and_fp32_masters(root, vae, dataset, contexts, tmp_path,
+                                                                   precision, dtype):
+    base = root / "models" / FILES["star"]
+    model = load_star_model(base, dtype=dtype, compute_dtype=dtype)
+    trainer = Trainer(model, vae, dataset, contexts, TrainSettings(steps=1, precision=precision, save_every=0,
+                                                                  checkpointing=True), tmp_path, base)
+    before = {n: p.detach().clone() for n, p in trainer.params}
+    (record,) = trainer.train(progress=False)
+    assert np.isfinite(record["loss"]) and trainer.scaler.is_enabled() == (precision == "fp16")
+    assert {p.dtype for _, p in trainer.params} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {dtype}
+    assert any(not torch.equal(before[n], p) for n, p in trainer.params)
