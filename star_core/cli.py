@@ -79,6 +79,18 @@ def _add_spec_option(group, flag: str, path: str) -> None:
                        choices=info.choices, metavar=None if info.choices else metavar)
 
 
+def add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """The "models" option group shared by the commands that load STAR's models (upscale, train)."""
+    models = parser.add_argument_group("models")
+    models.add_argument("--model", default="light", help=model_help)
+    models.add_argument("--vae", help="SVD VAE: diffusers folder or .safetensors (default: found/downloaded)")
+    models.add_argument("--text-encoder", help="OpenCLIP ViT-H-14 / SD2 CLIP-H text encoder file or folder")
+    models.add_argument("--tokenizer", help="CLIP tokenizer: folder with vocab.json + merges.txt, or open_clip's vocab")
+    models.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
+    models.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
+    models.add_argument("--offline", action="store_true", help="never download; list what is missing instead")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m star_core`` / ``star-vsr``."""
     parser = argparse.ArgumentParser(prog="star-vsr", description="STAR video super-resolution (I2VGen-XL based).")
@@ -101,16 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, path in options:
             _add_spec_option(group, flag, path)
 
-    models = up.add_argument_group("models")
-    models.add_argument("--model", default="light",
-                        help="'light' (lightly degraded, e.g. web video), 'heavy' (heavily degraded) or a "
-                             "checkpoint path")
-    models.add_argument("--vae", help="SVD VAE: diffusers folder or .safetensors (default: found/downloaded)")
-    models.add_argument("--text-encoder", help="OpenCLIP ViT-H-14 / SD2 CLIP-H text encoder file or folder")
-    models.add_argument("--tokenizer", help="CLIP tokenizer: folder with vocab.json + merges.txt, or open_clip's vocab")
-    models.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
-    models.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
-    models.add_argument("--offline", action="store_true", help="never download; list what is missing instead")
+    add_model_options(up, "'light' (lightly degraded, e.g. web video), 'heavy' (heavily degraded) or a checkpoint "
+                          "path")
 
     run = up.add_argument_group("run")
     run.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")

@@ -36,6 +36,8 @@ def _size(text: str) -> tuple[int, int]:
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the ``train`` command to ``python -m star_core``'s subparsers."""
+    from ..cli import add_model_options  # star_core.cli imports this module
+
     p = subparsers.add_parser(
         "train", help="fine-tune a STAR checkpoint on your own clips", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Fine-tune STAR (ControlNet + LIEM, the official trainable set) with the v-prediction loss and the "
@@ -60,14 +62,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--degrade-scale", type=int, default=4, help="HQ-only: the degraded LQ is this much smaller")
     data.add_argument("--workers", type=int, default=0, help="data-loader processes")
 
-    models = p.add_argument_group("models")
-    models.add_argument("--model", default="light", help="base checkpoint: 'light', 'heavy' or a path")
-    models.add_argument("--vae", help="SVD VAE: diffusers folder or .safetensors")
-    models.add_argument("--text-encoder", help="OpenCLIP ViT-H-14 / SD2 CLIP-H text encoder file or folder")
-    models.add_argument("--tokenizer", help="CLIP tokenizer folder or open_clip vocab")
-    models.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
-    models.add_argument("--cache-dir", type=Path, help="download cache")
-    models.add_argument("--offline", action="store_true", help="never download")
+    add_model_options(p, "base checkpoint: 'light', 'heavy' or a path")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("-o", "--output", type=Path, help="output folder (checkpoints, log, validation, result)")
