@@ -103,15 +103,15 @@ def worker_unet(frames: int, h: int, w: int, weights: str, compute: str, grid: t
     from forward import random_model
 
     from star_core.memory import tile_edge
-    from star_core.tiling import plan_spans
+    from star_core.windows import plan_windows
 
     baseline = _rss()
     dtype = DTYPES[compute]
     model = random_model(DTYPES[weights], dtype)
     after_build = _rss()
     x, t, context, hint = _unet_inputs(frames, h, w, dtype)
-    rows = plan_spans(h, tile_edge(h, grid[0], 8, 4, "h"), 8)
-    cols = plan_spans(w, tile_edge(w, grid[1], 8, 4, "w"), 8)
+    rows = plan_windows(h, tile_edge(h, grid[0], 8, 4, "h"), 8).spans
+    cols = plan_windows(w, tile_edge(w, grid[1], 8, 4, "w"), 8).spans
     start = time.perf_counter()
     with torch.inference_mode():
         for y0, y1 in rows:

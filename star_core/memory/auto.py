@@ -60,7 +60,7 @@ def tile_edge(length: int, count: int, overlap: int, levels: int, axis: str, min
     """
     The smallest tile edge the network accepts on this axis with which `count` tiles, neighbours sharing at least
     `overlap` cells, cover `length` cells; None when no valid edge of at least `minimum` does (the whole axis
-    for ``count == 1``). Place the tiles with `star_core.tiling.plan_spans(length, edge, overlap)`.
+    for ``count == 1``). Place the tiles with `star_core.windows.plan_windows(length, edge, overlap)`.
 
     Parameters:
         length (`int`): latent cells on the axis.

@@ -112,7 +112,7 @@ def longest_chunk(plan: PlanSizes) -> int:
 @lru_cache(maxsize=1024)
 def _longest_chunk(frames: int, chunk_len: int, fusion: str) -> int:
     chunks = plan_chunks(frames, chunk_len, None, fusion)
-    return max(end - start for start, end in chunks.windows)
+    return max(end - start for start, end in chunks.spans)
 
 
 def unet_activation_bytes(plan: PlanSizes, config: STARConfig | None = None) -> int:
