@@ -268,11 +268,11 @@ def calibrate(quick: bool) -> None:
     from star_core.model import STARConfig
     from star_core.tiny_models import FULL_VAE, TINY_STAR, TINY_VAE
 
-    def report(title: str, fit) -> None:
+    def report(title: str, fit, unit: str = "MiB", scale: float = 2**20) -> None:
         print(f"\n{title}: {fit.coefficients}; max relative error {fit.max_relative_error:.1%}\n")
-        print("| shape | measured MiB | fitted MiB | error |\n|---|---|---|---|")
+        print(f"| shape | measured {unit} | fitted {unit} | error |\n|---|---|---|---|")
         for shape, measured, predicted in fit.rows:
-            print(f"| {shape} | {measured / 2**20:.1f} | {predicted / 2**20:.1f} "
+            print(f"| {shape} | {measured / scale:.2f} | {predicted / scale:.2f} "
                   f"| {(predicted - measured) / measured:+.1%} |", flush=True)
 
     tiny = STARConfig(**TINY_STAR)
@@ -287,7 +287,7 @@ def calibrate(quick: bool) -> None:
     fits["vae_tiny"] = fit_vae(tuple(TINY_VAE["block_out_channels"]), TINY_VAE["layers_per_block"], VAE_GRID[:2])
     report("tiny VAE", fits["vae_tiny"])
     fits["sampler"] = fit_sampler()
-    report("sampler (latent copies)", fits["sampler"])
+    report("sampler", fits["sampler"], "latent copies", 1)
     print("\n# star_core/memory/coefficients.py\n")
     print(render_coefficients(fits, tiny))
 
