@@ -7,8 +7,8 @@ import importlib
 import pytest
 import torch
 
-from star_core.memory import (GIB, Components, NoPlanFits, PlanSizes, choose_plan, estimate_peak,
-                              is_out_of_memory, run_with_retry, sample_candidates, shrink, vae_candidates)
+from star_core.memory import (GIB, STAGES, NoPlanFits, PlanSizes, candidates, choose_plan, estimate_peak,
+                              is_out_of_memory, run_with_retry, shrink, stage_peak)
 from star_core.memory.auto import DEFAULT_MARGIN
 from star_core.memory.estimate import unet_coefficients
 from star_core.memory.activations import unet_elements
@@ -23,21 +23,18 @@ BASE = PlanSizes(100, 138, 248)
 
 
 def _sample(plan: PlanSizes) -> int:
-    return estimate_peak(plan).stage("sample").total
+    return stage_peak(plan, "sample").total
 
 
 def _is_largest_fitting(plan: PlanSizes, budget: int) -> None:
-    """The chosen plan fits, and every plan preferred to it does not (for its own stage)."""
+    """In every stage the chosen plan fits, and every plan preferred to it does not."""
     usable = budget * (1 - DEFAULT_MARGIN)
-    candidates = sample_candidates(BASE, Components())
-    index = candidates.index(plan.replace(vae_tile=BASE.vae_tile, vae_park=BASE.vae_park,
-                                          decode_window=BASE.decode_window))
-    assert _sample(plan) <= usable
-    assert all(_sample(p) > usable for p in candidates[:index])
-    vae = vae_candidates(plan)
-    peaks = [max(estimate_peak(p).stage(s).total for s in ("encode", "decode")) for p in vae]
-    assert peaks[vae.index(plan)] <= usable
-    assert all(peak > usable for peak in peaks[:vae.index(plan)])
+    for stage in STAGES:
+        options = candidates(plan, stage)
+        peaks = [stage_peak(p, stage).total for p in options]
+        index = options.index(plan)
+        assert peaks[index] <= usable
+        assert all(peak > usable for peak in peaks[:index])
 
 
 def test_smaller_budget_gives_smaller_plan():
@@ -52,11 +49,12 @@ def test_smaller_budget_gives_smaller_plan():
 
 
 def test_fixed_fields_are_kept():
-    plan = choose_plan(8 * GIB, BASE.replace(chunk_len=16), auto=("tile", "state_on_device", "vae_tile", "vae_park"))
+    auto = ("tile", "state_on_device", "encode_tile", "encode_park", "decode_tile", "decode_park")
+    plan = choose_plan(8 * GIB, BASE.replace(chunk_len=16), auto=auto)
     assert plan.chunk_len == 16 and plan.decode_window == 3
     assert estimate_peak(plan).peak <= 8 * GIB * (1 - DEFAULT_MARGIN)
     # with the chunk fixed at 32 the same budget needs diffusion tiles
-    assert choose_plan(8 * GIB, BASE, auto=("tile", "state_on_device", "vae_tile", "vae_park")).tile is not None
+    assert choose_plan(8 * GIB, BASE, auto=auto).tile is not None
     with pytest.raises(ValueError, match="cannot choose"):
         choose_plan(8 * GIB, BASE, auto=("frames",))
 
@@ -105,8 +103,9 @@ def test_oom_with_nothing_smaller_names_the_plan():
         run_with_retry(step, BASE, "decode", clear_cache=lambda: None)
     error = info.value
     assert isinstance(error.__cause__, torch.OutOfMemoryError)
-    assert error.plan.vae_tile == 256 and error.plan.vae_park == "host" and error.plan.decode_window == 1
-    assert str(error) == (f"out of memory (VAE decode) even with the smallest plan (VAE tile 256 px parked on the "
+    assert error.plan.decode_tile == 256 and error.plan.decode_park == "host" and error.plan.decode_window == 1
+    assert error.needed == stage_peak(error.plan, "decode").total
+    assert str(error) == (f"out of memory (VAE decode) even with the smallest plan (decode tile 256 px parked on the "
                           f"host, 1-frame decode) needs {error.needed / GIB:.2f} GiB; free memory or lower the "
                           f"output size")
 
@@ -132,19 +131,23 @@ def test_estimate_grows_with_every_size():
     assert peak(latent_h=90, latent_w=160) < peak() < peak(latent_h=274, latent_w=488)
     assert peak(batch_cfg=False) < peak(batch_cfg=True)
     assert peak(unet_dtype=torch.float16) < peak(unet_dtype=torch.float32)
-    decode = [estimate_peak(BASE.replace(vae_tile=t)).stage("decode").total for t in (256, 512, 1024, None)]
-    assert decode == sorted(decode) and len(set(decode)) == 4
+    for stage in ("encode", "decode"):
+        peaks = [stage_peak(BASE.replace(**{f"{stage}_tile": t}), stage).total for t in (256, 512, 1024, None)]
+        assert peaks == sorted(peaks) and len(set(peaks)) == 4
+    assert (stage_peak(BASE.replace(decode_tile=512, decode_park="host"), "decode").total
+            < stage_peak(BASE.replace(decode_tile=512), "decode").total)
+    assert peak(state_on_device=False) < peak()
     assert PlanSizes(8, 34, 64, tile=(34, 64)).tile is None  # one tile covering the latent is the untiled run
 
 
 def test_plan_sizes_name_bad_values():
     with pytest.raises(ValueError, match="chunk_len must be a positive integer"):
         PlanSizes(10, 34, 64, chunk_len=0)
-    with pytest.raises(ValueError, match="vae_tile must be None or a multiple of 8"):
-        PlanSizes(10, 34, 64, vae_tile=100)
-    with pytest.raises(ValueError, match="vae_park"):
-        PlanSizes(10, 34, 64, vae_park="disk")
-    with pytest.raises(ValueError, match="stage must be"):
+    with pytest.raises(ValueError, match="decode_tile must be None or a multiple of 8"):
+        PlanSizes(10, 34, 64, decode_tile=100)
+    with pytest.raises(ValueError, match="encode_park must be one of"):
+        PlanSizes(10, 34, 64, encode_park="disk")
+    with pytest.raises(ValueError, match="stage must be one of"):
         shrink(BASE, "train")
 
 

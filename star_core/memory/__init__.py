@@ -11,13 +11,14 @@ that fits a budget, and retry a step with a smaller plan after an out-of-memory 
 The activation terms are fitted to FakeTensorMode measurements of the real modules (`calibrate`).
 """
 from .activations import largest_slice
-from .auto import (AUTO_FIELDS, NoPlanFits, choose_plan, free_cached_memory, is_out_of_memory, run_with_retry,
-                   sample_candidates, shrink, tile_edge, vae_candidates)
-from .estimate import GIB, MemoryEstimate, StagePeak, estimate_peak, unet_activation_bytes
+from .auto import (AUTO_FIELDS, STAGE_FIELDS, NoPlanFits, candidates, choose_plan, free_cached_memory,
+                   is_out_of_memory, run_with_retry, shrink, tile_edge)
+from .estimate import GIB, STAGES, MemoryEstimate, StagePeak, estimate_peak, stage_peak, unet_activation_bytes
 from .plan import Components, PlanSizes, valid_tile_sizes
 
 __all__ = [
-    "AUTO_FIELDS", "Components", "GIB", "MemoryEstimate", "NoPlanFits", "PlanSizes", "StagePeak", "choose_plan",
-    "estimate_peak", "free_cached_memory", "is_out_of_memory", "largest_slice", "run_with_retry",
-    "sample_candidates", "shrink", "tile_edge", "unet_activation_bytes", "vae_candidates", "valid_tile_sizes",
+    "AUTO_FIELDS", "Components", "GIB", "MemoryEstimate", "NoPlanFits", "PlanSizes", "STAGES", "STAGE_FIELDS",
+    "StagePeak", "candidates", "choose_plan", "estimate_peak", "free_cached_memory", "is_out_of_memory",
+    "largest_slice", "run_with_retry", "shrink", "stage_peak", "tile_edge", "unet_activation_bytes",
+    "valid_tile_sizes",
 ]

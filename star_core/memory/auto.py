@@ -3,21 +3,23 @@ and the error that names what the smallest plan would need."""
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import torch
 
-from .estimate import GIB, estimate_peak
+from .estimate import GIB, STAGES, stage_peak
 from .plan import Components, PlanSizes, valid_tile_sizes
 
 T = TypeVar("T")
 
-# The plan fields `choose_plan` may set; the others are taken from the base plan as given.
-AUTO_FIELDS = ("chunk_len", "tile", "state_on_device", "vae_tile", "vae_park", "decode_window")
+# The plan fields `choose_plan` may set, per stage; the others are taken from the base plan as given.
+STAGE_FIELDS = {"sample": ("chunk_len", "tile", "state_on_device"), "encode": ("encode_tile", "encode_park"),
+                "decode": ("decode_window", "decode_tile", "decode_park")}
+AUTO_FIELDS = tuple(name for stage in STAGES for name in STAGE_FIELDS[stage])
 # Chunk lengths tried below the base plan's (the official 32 is the usual maximum).
 CHUNK_STEPS = (32, 24, 16, 12, 8, 6, 4, 3, 2, 1)
-# VAE tile edges tried, in pixels.
+# Exact VAE tile edges tried, in pixels.
 VAE_TILES = (1024, 768, 512, 384, 256)
 # Smallest diffusion tile (latent cells, 208x256 px): smaller tiles see too little of the frame.
 MIN_TILE = (26, 32)
@@ -26,9 +28,6 @@ DEFAULT_MARGIN = 0.1
 # Shortest chunk preferred over diffusion tiling: below it the temporal layers see too few frames to keep the
 # video consistent, while overlapping tiles only cost some compute. 1 gives the strict order (tile last).
 DEFAULT_MIN_CHUNK = 8
-# Stages and the plan fields that act on them.
-SAMPLE_FIELDS = ("chunk_len", "tile", "state_on_device")
-VAE_FIELDS = ("vae_tile", "vae_park", "decode_window")
 
 
 class NoPlanFits(MemoryError):
@@ -104,20 +103,7 @@ def _chunk_candidates(plan: PlanSizes) -> list[int]:
     return [top] + [c for c in CHUNK_STEPS if c < top]
 
 
-def sample_candidates(base: PlanSizes, components: Components, auto: Iterable[str] = AUTO_FIELDS, *,
-                      min_chunk: int = DEFAULT_MIN_CHUNK) -> list[PlanSizes]:
-    """
-    The denoiser plans `choose_plan` tries, most preferred first: untiled before tiled, longer chunks before
-    shorter ones, larger tiles before smaller ones, the sampler state on the device before on the host. Chunks
-    shorter than `min_chunk` come only after every tiled plan with a longer chunk.
-
-    Parameters:
-        base (`PlanSizes`): the plan whose non-auto fields are kept.
-        components (`Components`): the models (the tile rules follow the network's levels).
-        auto (`Iterable[str]`): the fields to choose (see `AUTO_FIELDS`).
-        min_chunk (`int`): shortest chunk preferred over tiling.
-    """
-    auto = set(auto)
+def _sample_candidates(base: PlanSizes, components: Components, auto: set[str], min_chunk: int) -> list[PlanSizes]:
     chunks = _chunk_candidates(base) if "chunk_len" in auto else [base.chunk_len]
     tiles = _tile_candidates(base, len(components.unet_config.dim_mult)) if "tile" in auto else [base.tile]
     states = [True, False] if "state_on_device" in auto else [base.state_on_device]
@@ -130,43 +116,55 @@ def sample_candidates(base: PlanSizes, components: Components, auto: Iterable[st
     return sorted(plans, key=key)
 
 
-def vae_candidates(base: PlanSizes, auto: Iterable[str] = AUTO_FIELDS) -> list[PlanSizes]:
+def _vae_candidates(base: PlanSizes, stage: str, auto: set[str]) -> list[PlanSizes]:
+    windows = [base.decode_window]
+    if stage == "decode" and "decode_window" in auto:
+        windows = list(range(base.decode_window, 0, -1))
+    tile_name, park_name = f"{stage}_tile", f"{stage}_park"
+    longest = max(base.pixel_size)
+    tiles = [None] + [t for t in VAE_TILES if t < longest] if tile_name in auto else [getattr(base, tile_name)]
+    parks = ["device", "host"] if park_name in auto else [getattr(base, park_name)]
+    return [base.replace(decode_window=window, **{tile_name: tile, park_name: park})
+            for window in windows for park in parks for tile in tiles
+            if tile is not None or park == parks[0]]  # parking only applies to tiles
+
+
+def candidates(base: PlanSizes, stage: str, components: Components | None = None,
+               auto: Iterable[str] = AUTO_FIELDS, *, min_chunk: int = DEFAULT_MIN_CHUNK) -> list[PlanSizes]:
     """
-    The VAE plans `choose_plan` tries, most preferred first: the longest decode window (up to the base plan's; the
-    official 3 gives the official frames), whole frames, then exact tiles from large to small with whole-frame
-    buffers on the device, then the same on the host.
+    The plans `choose_plan` tries for one stage, most preferred first; only that stage's fields (`STAGE_FIELDS`)
+    named in `auto` vary.
+
+    * sample: untiled before tiled, longer chunks before shorter ones, larger tiles before smaller ones, the
+      sampler state on the device before on the host; chunks shorter than `min_chunk` only after every tiled plan
+      with a longer chunk.
+    * encode / decode: the longest decode window (up to the base plan's; the official 3 gives the official
+      frames), whole frames, then exact tiles from large to small with the whole-frame buffers on the device, then
+      the same on the host.
 
     Parameters:
-        base (`PlanSizes`): the plan whose non-auto fields are kept.
-        auto (`Iterable[str]`): the fields to choose.
+        base (`PlanSizes`): the plan whose other fields are kept; its chunk length and decode window are maxima.
+        stage (`str`): ``"sample"``, ``"encode"`` or ``"decode"``.
+        components (`Components`, *optional*): the models (the tile rules follow the network's levels).
+        auto (`Iterable[str]`): the fields that may vary (see `AUTO_FIELDS`).
+        min_chunk (`int`): shortest chunk preferred over diffusion tiling.
     """
+    components = Components() if components is None else components
     auto = set(auto)
-    windows = list(range(base.decode_window, 0, -1)) if "decode_window" in auto else [base.decode_window]
-    longest = max(base.pixel_size)
-    tiles = ([None] + [t for t in VAE_TILES if t < longest]) if "vae_tile" in auto else [base.vae_tile]
-    parks = ["device", "host"] if "vae_park" in auto else [base.vae_park]
-    plans = []
-    for window in windows:
-        for park in parks:
-            for tile in tiles:
-                if tile is None and park != parks[0]:
-                    continue  # parking only applies to tiles
-                plans.append(base.replace(decode_window=window, vae_tile=tile, vae_park=park))
-    return plans
-
-
-def _vae_peak(plan: PlanSizes, components: Components, overhead: int, brownian: bool) -> int:
-    estimate = estimate_peak(plan, components, overhead=overhead, brownian=brownian)
-    return max(estimate.stage("encode").total, estimate.stage("decode").total)
+    if stage == "sample":
+        return _sample_candidates(base, components, auto, min_chunk)
+    if stage in ("encode", "decode"):
+        return _vae_candidates(base, stage, auto)
+    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
 
 
 def choose_plan(budget: int, base: PlanSizes, components: Components | None = None, *,
-                auto: Iterable[str] = AUTO_FIELDS, margin: float = DEFAULT_MARGIN, min_chunk: int = DEFAULT_MIN_CHUNK,
-                overhead: int = 0, brownian: bool = True) -> PlanSizes:
+                auto: Iterable[str] = AUTO_FIELDS, margin: float = DEFAULT_MARGIN,
+                min_chunk: int = DEFAULT_MIN_CHUNK, overhead: int = 0, brownian: bool = True) -> PlanSizes:
     """
-    The most preferred plan whose estimated peak fits `budget` (less a `margin`): the denoiser settings (chunk,
-    diffusion tile, where the sampler state lives) and the VAE settings (tile, parking, decode window) are chosen
-    independently, each for its own stages, with the weights the components keep resident.
+    The most preferred plan whose estimated peak fits `budget` (less a `margin`) in every stage. The stages are
+    independent (each has its own fields, `STAGE_FIELDS`), so each gets the most preferred of its `candidates`
+    that fits, with the weights the components keep resident.
 
     Parameters:
         budget (`int`): bytes available on the device (e.g. ComfyUI's ``model_management.get_free_memory()``, the
@@ -184,7 +182,8 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
         `PlanSizes`: the chosen plan.
 
     Raises:
-        NoPlanFits: when even the smallest plan does not fit; it names that plan and the memory it needs.
+        NoPlanFits: when even the smallest plan of a stage does not fit; it names that plan, the stage and the
+            memory it needs.
     """
     components = Components() if components is None else components
     auto = set(auto)
@@ -194,44 +193,28 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
     if not budget > 0:
         raise ValueError(f"choose_plan: the budget must be a positive number of bytes, got {budget!r}")
     usable = budget * (1 - margin)
-
-    def sample_peak(plan: PlanSizes) -> int:
-        return estimate_peak(plan, components, overhead=overhead, brownian=brownian).stage("sample").total
-
-    sample = _first_fitting(sample_candidates(base, components, auto, min_chunk=min_chunk), sample_peak, usable)
-    if isinstance(sample, tuple):
-        raise NoPlanFits(budget, *sample, stage="sample")
-    vae = _first_fitting(vae_candidates(sample, auto), lambda p: _vae_peak(p, components, overhead, brownian),
-                         usable)
-    if isinstance(vae, tuple):
-        plan, needed = vae
-        estimate = estimate_peak(plan, components, overhead=overhead, brownian=brownian)
-        raise NoPlanFits(budget, plan, needed, stage=max(("encode", "decode"),
-                                                         key=lambda s: estimate.stage(s).total))
-    return vae
-
-
-def _first_fitting(candidates: list[PlanSizes], peak: Callable[[PlanSizes], int],
-                   usable: float) -> PlanSizes | tuple[PlanSizes, int]:
-    """The first candidate within `usable`, else (the smallest candidate, its peak)."""
-    smallest = None
-    for plan in candidates:
-        need = peak(plan)
-        if need <= usable:
-            return plan
-        if smallest is None or need < smallest[1]:
-            smallest = (plan, need)
-    assert smallest is not None
-    return smallest
+    plan = base
+    for stage in ("sample", "encode", "decode"):
+        smallest = None
+        for candidate in candidates(plan, stage, components, auto, min_chunk=min_chunk):
+            need = stage_peak(candidate, stage, components, overhead=overhead, brownian=brownian).total
+            if need <= usable:
+                plan = candidate
+                break
+            if smallest is None or need < smallest[1]:
+                smallest = (candidate, need)
+        else:
+            raise NoPlanFits(budget, *smallest, stage=stage)
+    return plan
 
 
 def shrink(plan: PlanSizes, stage: str, components: Components | None = None, *,
            auto: Iterable[str] = AUTO_FIELDS, factor: float = 0.75, min_chunk: int = DEFAULT_MIN_CHUNK,
            brownian: bool = True) -> PlanSizes | None:
     """
-    The next plan to try after `plan` ran out of memory in `stage`: the most preferred candidate for that stage
-    whose estimate is at most `factor` times `plan`'s, else the smallest candidate if it is smaller at all, else
-    None.
+    The next plan to try after `plan` ran out of memory in `stage`: the most preferred of the stage's
+    `candidates` whose estimate is at most `factor` times `plan`'s, else the smallest candidate if it is smaller
+    at all, else None.
 
     Parameters:
         plan (`PlanSizes`): the plan that failed.
@@ -241,19 +224,12 @@ def shrink(plan: PlanSizes, stage: str, components: Components | None = None, *,
         factor (`float`): how much smaller (estimated) the next plan must be.
         min_chunk (`int`), brownian (`bool`): as for `choose_plan`.
     """
-    components = Components() if components is None else components
-    if stage == "sample":
-        candidates = sample_candidates(plan, components, auto, min_chunk=min_chunk)
-    elif stage in ("encode", "decode"):
-        candidates = vae_candidates(plan, auto)
-    else:
-        raise ValueError(f"shrink: stage must be 'sample', 'encode' or 'decode', got {stage!r}")
-
     def need(p: PlanSizes) -> int:
-        return estimate_peak(p, components, brownian=brownian).stage(stage).total
+        return stage_peak(p, stage, components, brownian=brownian).total
 
+    options = candidates(plan, stage, components, auto, min_chunk=min_chunk)
     current = need(plan)
-    needs = [(need(p), p) for p in candidates]
+    needs = [(need(p), p) for p in options]
     preferred = next((p for n, p in needs if n <= current * factor), None)
     if preferred is not None:
         return preferred
@@ -327,8 +303,7 @@ def run_with_retry(step: Callable[[PlanSizes], T], plan: PlanSizes, stage: str, 
         clear_cache()
         smaller = next_plan(plan)
         if smaller is None:
-            needed = estimate_peak(plan, components).stage(stage).total
-            raise NoPlanFits(None, plan, needed, stage) from failure
+            raise NoPlanFits(None, plan, stage_peak(plan, stage, components).total, stage) from failure
         if log is not None and not logged:
             log(f"out of memory during {stage} with {plan.describe()}; retrying with smaller plans, starting with "
                 f"{smaller.describe()}")

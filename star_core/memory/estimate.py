@@ -139,6 +139,48 @@ def _weights(plan: PlanSizes, components: Components, stage: str) -> list[tuple[
     return parts
 
 
+STAGES = ("encode", "sample", "decode")
+
+
+def stage_peak(plan: PlanSizes, stage: str, components: Components | None = None, *, overhead: int = 0,
+               brownian: bool = True) -> StagePeak:
+    """
+    The peak of one stage of a run (see `estimate_peak`).
+
+    Parameters:
+        plan (`PlanSizes`): the run's sizes.
+        stage (`str`): ``"encode"``, ``"sample"`` or ``"decode"``.
+        components (`Components`, *optional*), overhead (`int`), brownian (`bool`): see `estimate_peak`.
+    """
+    components = Components() if components is None else components
+    height, width = plan.pixel_size
+    latent = 4 * plan.frames * plan.latent_h * plan.latent_w * 4  # one fp32 latent of the whole video
+    extra = [("runtime overhead", overhead)] if overhead else []
+    if stage == "encode":
+        vae = vae_coefficients(components.vae_widths)
+        encoder = vae_encode_elements(vae, height, width, tile=plan.encode_tile, halo=plan.vae_halo,
+                                      park_on_device=plan.encode_park == "device") * _size(plan.vae_encode_dtype)
+        parts = [("LR latent", latent), ("LR frames", plan.encode_window * 3 * height * width * 4),
+                 ("VAE encoder activations", int(encoder))]
+    elif stage == "sample":
+        chunk = longest_chunk(plan)
+        video, per_chunk = sampler_elements(fitted.SAMPLER, plan.frames, chunk, plan.latent_h, plan.latent_w,
+                                            brownian=brownian)
+        parts = [("sampler state", int(video * 4) if plan.state_on_device else 0),
+                 ("chunk tensors", int(per_chunk * 4) * (2 if plan.batch_cfg else 1)),
+                 ("UNet activations", unet_activation_bytes(plan, components.unet_config))]
+    elif stage == "decode":
+        vae = vae_coefficients(components.vae_widths)
+        window = min(plan.decode_window, plan.frames)
+        decoder = vae_decode_elements(vae, window, height, width, tile=plan.decode_tile, halo=plan.vae_halo,
+                                      park_on_device=plan.decode_park == "device") * _size(plan.vae_decode_dtype)
+        parts = [("latent", latent), ("decoded window", window * 3 * height * width * 4),
+                 ("VAE decoder activations", int(decoder))]
+    else:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return StagePeak(stage, tuple(_weights(plan, components, stage) + parts + extra))
+
+
 def estimate_peak(plan: PlanSizes, components: Components | None = None, *, overhead: int = 0,
                   brownian: bool = True) -> MemoryEstimate:
     """
@@ -158,35 +200,5 @@ def estimate_peak(plan: PlanSizes, components: Components | None = None, *, over
     Returns:
         `MemoryEstimate`: per-stage peaks with their breakdown; ``.peak`` is the run's peak in bytes.
     """
-    components = Components() if components is None else components
-    config = components.unet_config
-    vae = vae_coefficients(components.vae_widths)
-    height, width = plan.pixel_size
-    latent = 4 * plan.frames * plan.latent_h * plan.latent_w * 4  # one fp32 latent of the whole video
-    extra = [("runtime overhead", overhead)] if overhead else []
-    tile = dict(tile=plan.vae_tile, halo=plan.vae_halo, park_on_device=plan.vae_park == "device")
-
-    encoder = vae_encode_elements(vae, height, width, **tile) * _size(plan.vae_encode_dtype)
-    encode = StagePeak("encode", tuple(_weights(plan, components, "encode") + [
-        ("LR latent", latent),
-        ("LR frames", plan.encode_window * 3 * height * width * 4),
-        ("VAE encoder activations", int(encoder)),
-    ] + extra))
-
-    chunk = longest_chunk(plan)
-    video, per_chunk = sampler_elements(fitted.SAMPLER, plan.frames, chunk, plan.latent_h, plan.latent_w,
-                                        brownian=brownian)
-    sample = StagePeak("sample", tuple(_weights(plan, components, "sample") + [
-        ("sampler state", int(video * 4) if plan.state_on_device else 0),
-        ("chunk tensors", int(per_chunk * 4) * (2 if plan.batch_cfg else 1)),
-        ("UNet activations", unet_activation_bytes(plan, config)),
-    ] + extra))
-
-    window = min(plan.decode_window, plan.frames)
-    decoder = vae_decode_elements(vae, window, height, width, **tile) * _size(plan.vae_decode_dtype)
-    decode = StagePeak("decode", tuple(_weights(plan, components, "decode") + [
-        ("latent", latent),
-        ("decoded window", window * 3 * height * width * 4),
-        ("VAE decoder activations", int(decoder)),
-    ] + extra))
-    return MemoryEstimate(plan, (encode, sample, decode))
+    return MemoryEstimate(plan, tuple(stage_peak(plan, stage, components, overhead=overhead, brownian=brownian)
+                                      for stage in STAGES))

@@ -45,10 +45,11 @@ class PlanSizes:
             fp32).
         decode_dtype (`torch.dtype`, *optional*): dtype of the decoder's activations (default `vae_dtype`; the
             official GPU decode runs under fp16 autocast).
-        vae_tile (`int`, *optional*): exact VAE tile edge in pixels; None runs whole frames.
+        encode_tile (`int`, *optional*): exact VAE encoder tile edge in pixels; None encodes whole frames.
+        encode_park (`str`): where the exact tiled encoder keeps whole-frame activations between layers:
+            `"device"` or `"host"` (then only a tile's working set is on the device).
+        decode_tile (`int`, *optional*), decode_park (`str`): the same for the decoder.
         vae_halo (`int`): pixels a VAE tile reads beyond its core on each side.
-        vae_park (`str`): where the exact tiled VAE keeps whole-frame activations between layers: `"device"` or
-            `"host"` (only the tile's working set on the device).
         decode_window (`int`): frames per temporal-decoder call (official 3).
         encode_window (`int`): LR frames on the device per encode call (the encoder itself runs one frame).
         state_on_device (`bool`): the sampler state (latents, solver history, Brownian tree) lives on the device;
@@ -68,9 +69,11 @@ class PlanSizes:
     vae_dtype: torch.dtype = torch.float32
     encode_dtype: torch.dtype | None = None
     decode_dtype: torch.dtype | None = None
-    vae_tile: int | None = None
+    encode_tile: int | None = None
+    encode_park: str = "device"
+    decode_tile: int | None = None
+    decode_park: str = "device"
     vae_halo: int = 16
-    vae_park: str = "device"
     decode_window: int = 3
     encode_window: int = 4
     state_on_device: bool = True
@@ -89,11 +92,13 @@ class PlanSizes:
             else:
                 tile = (min(tile[0], self.latent_h), min(tile[1], self.latent_w))
             object.__setattr__(self, "tile", tile)
-        if self.vae_tile is not None and (not isinstance(self.vae_tile, int) or self.vae_tile < 8
-                                          or self.vae_tile % 8):
-            raise ValueError(f"PlanSizes.vae_tile must be None or a multiple of 8 pixels, got {self.vae_tile!r}")
-        if self.vae_park not in VAE_PARKS:
-            raise ValueError(f"PlanSizes.vae_park must be one of {VAE_PARKS}, got {self.vae_park!r}")
+        for name in ("encode_tile", "decode_tile"):
+            tile = getattr(self, name)
+            if tile is not None and (not isinstance(tile, int) or tile < 8 or tile % 8):
+                raise ValueError(f"PlanSizes.{name} must be None or a multiple of 8 pixels, got {tile!r}")
+        for name in ("encode_park", "decode_park"):
+            if getattr(self, name) not in VAE_PARKS:
+                raise ValueError(f"PlanSizes.{name} must be one of {VAE_PARKS}, got {getattr(self, name)!r}")
         for name in ("unet_dtype", "vae_dtype"):
             _check_dtype(name, getattr(self, name))
         for name in ("compute_dtype", "encode_dtype", "decode_dtype"):
@@ -131,11 +136,11 @@ class PlanSizes:
 
     def describe(self, stage: str | None = None) -> str:
         """
-        Short human-readable form, e.g. ``chunk 16, tile 66x120 latent, VAE tile 512 px, 3-frame decode``.
+        Short human-readable form, e.g. ``chunk 16, tile 66x120 latent, encode tile 512 px, 3-frame decode``.
 
         Parameters:
-            stage (`str`, *optional*): ``"sample"`` names only the denoiser's settings, ``"encode"``/``"decode"``
-                only the VAE's; None names all.
+            stage (`str`, *optional*): ``"sample"``, ``"encode"`` or ``"decode"`` names only that stage's
+                settings; None names all.
         """
         parts = []
         if stage in (None, "sample"):
@@ -143,13 +148,13 @@ class PlanSizes:
             parts.append("untiled" if self.tile is None else f"tile {self.tile[0]}x{self.tile[1]} latent")
             if not self.state_on_device:
                 parts.append("sampler state on the host")
-        if stage in (None, "encode", "decode"):
-            vae = "VAE whole frames" if self.vae_tile is None else f"VAE tile {self.vae_tile} px"
-            if self.vae_tile is not None and self.vae_park == "host":
-                vae += " parked on the host"
-            parts.append(vae)
-            if stage != "encode":
-                parts.append(f"{self.decode_window}-frame decode")
+        for name in ("encode", "decode"):
+            if stage in (None, name):
+                tile, park = getattr(self, f"{name}_tile"), getattr(self, f"{name}_park")
+                text = f"{name} whole frames" if tile is None else f"{name} tile {tile} px"
+                parts.append(text + (" parked on the host" if tile is not None and park == "host" else ""))
+        if stage in (None, "decode"):
+            parts.append(f"{self.decode_window}-frame decode")
         return ", ".join(parts)
 
 
