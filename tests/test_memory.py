@@ -7,7 +7,7 @@ import importlib
 import pytest
 import torch
 
-from star_core.memory import (GIB, STAGES, NoPlanFits, PlanSizes, candidates, choose_plan, estimate_peak,
+from star_core.memory import (GIB, STAGES, Components, NoPlanFits, PlanSizes, candidates, choose_plan, estimate_peak,
                               is_out_of_memory, run_with_retry, shrink, stage_peak)
 from star_core.memory.auto import DEFAULT_MARGIN
 from star_core.memory.estimate import unet_coefficients
@@ -172,3 +172,24 @@ def test_resblock_frame_slices_match_whole(monkeypatch):
         monkeypatch.setattr(importlib.import_module("star_core.model.slicing"), "SLICE_ELEMENTS", 2 * 64 * 12 * 20)
         sliced = block(x, emb, 2)  # two frames per slice: slices cross the two samples' frames
     assert (sliced - whole).abs().max().item() <= 1e-6 * whole.abs().max().item()
+
+
+def test_components_from_loaded_models():
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    from star_core.memory.estimate import vae_coefficients
+    from star_core.model import STARUNet
+    from star_core.tiny_models import TINY_VAE
+
+    with torch.device("meta"):
+        unet = STARUNet(STARConfig(**TINY_STAR), dtype=torch.float16)
+        vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4, **TINY_VAE)
+    components = Components.from_models(unet, vae, resident=False)
+    assert components.unet_config == STARConfig(**TINY_STAR)
+    assert components.unet_params == 9_001_992  # the fixture's num_params
+    assert components.vae_params == sum(p.numel() for p in vae.parameters())
+    narrow, svd = vae_coefficients(components.vae_widths), vae_coefficients((128, 256, 512, 512))
+    assert narrow.decode_per_pixel < svd.decode_per_pixel
+    plan = PlanSizes(8, 18, 32, unet_dtype=torch.float16)
+    sample = dict(stage_peak(plan, "sample", components).parts)
+    assert sample["UNet weights"] == 2 * 9_001_992 and sample["VAE weights"] == 0  # not resident: offloaded
