@@ -79,7 +79,8 @@ def test_injected_oom_is_retried_with_a_smaller_plan():
     assert result == "done" and used == tried[-1] and len(tried) >= 3
     assert _sample(used) <= limit < _sample(start)
     assert all(_sample(b) < _sample(a) for a, b in zip(tried, tried[1:]))
-    assert len(messages) == 1 and "out of memory during sample with chunk 32, untiled" in messages[0]
+    assert messages == [f"out of memory during sample with chunk 32, untiled; retrying with smaller plans, starting "
+                        f"with {tried[1].describe('sample')}"]
 
 
 def test_other_errors_are_not_retried():

@@ -194,7 +194,7 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
         raise ValueError(f"choose_plan: the budget must be a positive number of bytes, got {budget!r}")
     usable = budget * (1 - margin)
     plan = base
-    for stage in ("sample", "encode", "decode"):
+    for stage in STAGES:
         smallest = None
         for candidate in candidates(plan, stage, components, auto, min_chunk=min_chunk):
             need = stage_peak(candidate, stage, components, overhead=overhead, brownian=brownian).total
@@ -305,7 +305,7 @@ def run_with_retry(step: Callable[[PlanSizes], T], plan: PlanSizes, stage: str, 
         if smaller is None:
             raise NoPlanFits(None, plan, stage_peak(plan, stage, components).total, stage) from failure
         if log is not None and not logged:
-            log(f"out of memory during {stage} with {plan.describe()}; retrying with smaller plans, starting with "
-                f"{smaller.describe()}")
+            log(f"out of memory during {stage} with {plan.describe(stage)}; retrying with smaller plans, starting "
+                f"with {smaller.describe(stage)}")
             logged = True
         plan = smaller
