@@ -116,9 +116,23 @@ def test_nothing_fits_names_the_smallest_plan_and_its_need():
     with pytest.raises(NoPlanFits) as info:
         choose_plan(2 * GIB, BASE)
     error = info.value
+    # what the run needs at least: over the stages, the largest of each stage's smallest need (with every model
+    # resident, the VAE decode: the UNet's weights stay while the decoder works)
+    smallest = {stage: min(stage_peak(p, stage).total for p in candidates(BASE, stage)) for stage in STAGES}
+    assert error.needed == max(smallest.values()) == stage_peak(error.plan, error.stage).total > 2 * GIB
+    assert error.stage == "decode"
+    assert (error.plan.decode_tile, error.plan.decode_park, error.plan.decode_window) == (256, "host", 1)
+    assert str(error) == (f"nothing fits in 2.00 GiB (VAE decode): the smallest plan (decode tile 256 px parked on "
+                          f"the host, 1-frame decode) needs {error.needed / GIB:.2f} GiB; free memory or lower the "
+                          f"output size")
+    # a host that offloads: the VAE stages fit, the sampler does not
+    offloading = Components(resident=False)
+    with pytest.raises(NoPlanFits) as info:
+        choose_plan(3 * GIB, BASE, offloading)
+    error = info.value
+    assert error.stage == "sample" and error.needed == stage_peak(error.plan, "sample", offloading).total > 3 * GIB
     assert (error.plan.chunk_len, error.plan.tile, error.plan.state_on_device) == (1, (26, 32), False)
-    assert error.needed == _sample(error.plan) > 2 * GIB
-    assert str(error) == (f"nothing fits in 2.00 GiB (sampling): the smallest plan (chunk 1, tile 26x32 latent, "
+    assert str(error) == (f"nothing fits in 3.00 GiB (sampling): the smallest plan (chunk 1, tile 26x32 latent, "
                           f"sampler state on the host) needs {error.needed / GIB:.2f} GiB; free memory or lower "
                           f"the output size")
 

@@ -182,8 +182,8 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
         `PlanSizes`: the chosen plan.
 
     Raises:
-        NoPlanFits: when even the smallest plan of a stage does not fit; it names that plan, the stage and the
-            memory it needs.
+        NoPlanFits: when even the smallest plan of a stage does not fit; it names the stage whose smallest plan
+            needs the most memory (what the run needs at least), that plan and its need.
     """
     components = Components() if components is None else components
     auto = set(auto)
@@ -193,7 +193,7 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
     if not budget > 0:
         raise ValueError(f"choose_plan: the budget must be a positive number of bytes, got {budget!r}")
     usable = budget * (1 - margin)
-    plan = base
+    plan, failures = base, []
     for stage in STAGES:
         smallest = None
         for candidate in candidates(plan, stage, components, auto, min_chunk=min_chunk):
@@ -204,7 +204,10 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
             if smallest is None or need < smallest[1]:
                 smallest = (candidate, need)
         else:
-            raise NoPlanFits(budget, *smallest, stage=stage)
+            failures.append((smallest[1], stage, smallest[0]))
+    if failures:  # name the stage whose smallest plan needs the most: the least memory the run can work with
+        need, stage, smallest = max(failures, key=lambda failure: failure[0])
+        raise NoPlanFits(budget, smallest, need, stage=stage)
     return plan
 
 
