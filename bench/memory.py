@@ -169,14 +169,26 @@ def worker_sampler(frames: int, h: int, w: int) -> dict:
     return {"seconds": time.perf_counter() - began, "baseline": baseline, "peak": _peak_rss()}
 
 
-def _spawn(*args: str, threads: int | None = None) -> dict:
+def _spawn(*args: str, threads: int | None = None, cache: Path | None = None) -> dict:
+    """Runs one worker in a fresh process; with `cache`, a JSON-lines file of earlier results, reuses a result for
+    the same arguments (the tables can be recomputed without rerunning minutes of forwards)."""
+    key = " ".join(args)
+    if cache is not None and cache.is_file():
+        for line in cache.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["key"] == key:
+                return entry["result"]
     cmd = [sys.executable, __file__, "--worker", *args]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"worker {args} failed: {proc.stderr.strip().splitlines()[-3:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if cache is not None:
+        with cache.open("a") as out:
+            out.write(json.dumps({"key": key, "result": result}) + "\n")
+    return result
 
 
 # --- validation ------------------------------------------------------------------------------------------------
@@ -186,13 +198,22 @@ VAE_SIZES = (("encode", 1, 448, 512), ("decode", 3, 192, 256), ("decode", 1, 384
 SAMPLER_SIZE = (32, 90, 160)
 
 
-def validate(threads: int | None) -> None:
-    from star_core.memory.activations import vae_decode_elements, vae_encode_elements
-    from star_core.memory.estimate import fitted, unet_activation_bytes, vae_coefficients
+def unet_working_set(plan: PlanSizes) -> int:
+    """The estimate's working memory of one evaluation on the CPU: activations or the largest layer's copies."""
+    from star_core.memory import stage_peak
 
-    print("Estimate vs measured peak RSS, fresh process each, CPU, random full-size weights. 'total' adds the "
-          "process's RSS before the model (Python + torch) to the estimate; 'working set' compares the estimated "
-          "activations with the peak RSS above the loaded weights.\n")
+    parts = dict(stage_peak(plan, "sample", device="cpu").parts)
+    return parts.get("UNet activations") or parts["UNet weight copies"]
+
+
+def validate(threads: int | None, cache: Path | None) -> None:
+    from star_core.memory.activations import vae_decode_elements, vae_encode_elements
+    from star_core.memory.estimate import fitted, vae_coefficients
+
+    print("Estimate (device='cpu') vs measured peak RSS, fresh process each, CPU, random full-size weights. "
+          "'working set' compares the estimated working memory (activations, or the largest layer's transient "
+          "weight copies, plus inputs) with the peak RSS above the loaded weights; 'total' adds the process's RSS "
+          "before the model (Python + torch) and the weights.\n")
     print("| what | shape | weights GiB | est. working set GiB | meas. working set GiB | error | est. total GiB "
           "| meas. peak RSS GiB | error | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -205,23 +226,21 @@ def validate(threads: int | None) -> None:
               f"| {(total - r['peak']) / r['peak']:+.1%} | {r['seconds']:.1f} |", flush=True)
 
     for frames, h, w in UNET_SIZES:
-        r = _spawn("unet", str(frames), str(h), str(w), "bf16", "fp32", "1", "1", threads=threads)
+        r = _spawn("unet", str(frames), str(h), str(w), "bf16", "fp32", "1", "1", threads=threads, cache=cache)
         plan = PlanSizes(frames, h, w, chunk_len=frames, unet_dtype=torch.bfloat16, compute_dtype=torch.float32)
-        estimate = estimate_peak(plan)
-        cast = dict(estimate.stage("sample").parts).get("cast copy of one layer", 0)
         inputs = 2 * 4 * frames * h * w * 4
         row("UNet+ControlNet forward, bf16 weights, fp32 compute", f"[1,4,{frames},{h},{w}]", r,
-            unet_activation_bytes(plan) + cast + inputs, r["weights"])
+            unet_working_set(plan) + inputs, r["weights"])
     vae = vae_coefficients((128, 256, 512, 512))
     for kind, frames, height, width in VAE_SIZES:
-        r = _spawn("vae", kind, str(frames), str(height), str(width), threads=threads)
+        r = _spawn("vae", kind, str(frames), str(height), str(width), threads=threads, cache=cache)
         if kind == "encode":
             working = vae_encode_elements(vae, height, width) * 4 + 3 * height * width * 4
         else:
             working = vae_decode_elements(vae, frames, height, width) * 4 + 4 * frames * height * width // 16
         row(f"SVD VAE {kind}, fp32", f"{frames}x{height}x{width}", r, working, r["weights"])
     frames, h, w = SAMPLER_SIZE
-    r = _spawn("sampler", str(frames), str(h), str(w), threads=threads)
+    r = _spawn("sampler", str(frames), str(h), str(w), threads=threads, cache=cache)
     video = fitted.SAMPLER.video_copies + fitted.SAMPLER.brownian_copies - 2  # inputs exist before the baseline
     working = (video + fitted.SAMPLER.chunk_copies * min(32, frames) / frames) * 4 * frames * h * w * 4
     row("sampler state (Brownian tree), fp32", f"[1,4,{frames},{h},{w}]", r, working, 0)
@@ -230,7 +249,7 @@ def validate(threads: int | None) -> None:
 # --- speed -----------------------------------------------------------------------------------------------------
 
 def speed(frames: int, h: int, w: int, grid: tuple[int, int], threads: int | None, weights: str,
-          compute: str) -> None:
+          compute: str, cache: Path | None) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
     from star_core.model import STARUNet
@@ -246,18 +265,17 @@ def speed(frames: int, h: int, w: int, grid: tuple[int, int], threads: int | Non
 
     print(f"One full-size forward on [1,4,{frames},{h},{w}], {weights} weights, {compute} compute, untiled vs "
           f"{grid[0]}x{grid[1]} tiles (8-cell overlap; the sum of the tile forwards), fresh process each.\n")
-    print("| run | tile (latent) | GFLOP | seconds | peak RSS GiB | RSS above weights GiB | est. activations GiB |")
+    print("| run | tile (latent) | GFLOP | seconds | peak RSS GiB | RSS above weights GiB | est. working set GiB |")
     print("|---|---|---|---|---|---|---|")
-    from star_core.memory import unet_activation_bytes
-
     for label, g in (("untiled", (1, 1)), (f"{grid[0]}x{grid[1]} tiles", grid)):
-        r = _spawn("unet", str(frames), str(h), str(w), weights, compute, str(g[0]), str(g[1]), threads=threads)
+        r = _spawn("unet", str(frames), str(h), str(w), weights, compute, str(g[0]), str(g[1]), threads=threads,
+                   cache=cache)
         th, tw = r["tile"]
         flops = gflop(th, tw) * g[0] * g[1]
         plan = PlanSizes(frames, h, w, chunk_len=frames, tile=(th, tw), unet_dtype=DTYPES[weights],
                          compute_dtype=DTYPES[compute])
         print(f"| {label} | {th}x{tw} | {flops:.0f} | {r['seconds']:.1f} | {r['peak'] / GIB:.2f} "
-              f"| {(r['peak'] - r['after_build']) / GIB:.2f} | {unet_activation_bytes(plan) / GIB:.2f} |", flush=True)
+              f"| {(r['peak'] - r['after_build']) / GIB:.2f} | {unet_working_set(plan) / GIB:.2f} |", flush=True)
 
 
 # --- calibration -----------------------------------------------------------------------------------------------
@@ -351,6 +369,8 @@ def main() -> int:
     parser.add_argument("--weights", choices=sorted(DTYPES), default="bf16", help="speed: weight dtype")
     parser.add_argument("--compute", choices=sorted(DTYPES), default="fp32", help="speed: compute dtype")
     parser.add_argument("--threads", type=int, help="torch threads in the workers")
+    parser.add_argument("--cache", type=Path, help="validate/speed: JSON-lines file of worker results to reuse "
+                        "(and to append new ones to)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -369,9 +389,9 @@ def main() -> int:
     if args.command == "estimates":
         estimates_table()
     elif args.command == "validate":
-        validate(args.threads)
+        validate(args.threads, args.cache)
     elif args.command == "speed":
-        speed(*args.latent, tuple(args.grid), args.threads, args.weights, args.compute)
+        speed(*args.latent, tuple(args.grid), args.threads, args.weights, args.compute, args.cache)
     else:
         calibrate(args.quick)
     return 0

@@ -14,11 +14,9 @@ from .activations import (UNetCoefficients, VAECoefficients, sampler_elements, u
 from .plan import Components, PlanSizes
 
 GIB = 2**30
-# The largest weight tensor of the released network (an output-block ResBlock conv, 2560 -> 1280, 3x3): the copy a
-# cast layer makes when the compute dtype differs from the storage dtype.
-_LARGEST_LAYER_FRACTION = 29_491_200 / 2_041_121_910
-# VAE pixels per latent cell.
-_VAE_FACTOR = 8
+# Device types whose convolution backend copies a layer's weight into its own layout on every call (oneDNN on the
+# CPU); CUDA's cuDNN workspace is left to the budget's margin.
+REORDERING_DEVICES = ("cpu",)
 
 
 @dataclass(frozen=True)
@@ -124,6 +122,22 @@ def unet_activation_bytes(plan: PlanSizes, config: STARConfig | None = None) -> 
     return int(elements * _size(plan.unet_compute_dtype))
 
 
+def largest_layer(config: STARConfig) -> int:
+    """Elements of the network's largest weight: the first decoder ResBlock's 3x3 conv (2C -> C at the deepest
+    width C; 2560 -> 1280 in the released network, 29.5 M)."""
+    width = config.dim * config.dim_mult[-1]
+    return 2 * width * width * 9
+
+
+def weight_copies(plan: PlanSizes, components: Components, device: str) -> int:
+    """
+    Bytes of the transient copies of one layer's weight during its call: the cast to the compute dtype (cast
+    operations) and the backend's reordered copy (`REORDERING_DEVICES`), at the largest layer.
+    """
+    copies = (plan.unet_compute_dtype != plan.unet_dtype) + (device in REORDERING_DEVICES)
+    return copies * largest_layer(components.unet_config) * _size(plan.unet_compute_dtype)
+
+
 def _weights(plan: PlanSizes, components: Components, stage: str) -> list[tuple[str, int]]:
     unet = components.unet_params * _size(plan.unet_dtype)
     vae = components.vae_params * _size(plan.vae_dtype)
@@ -131,26 +145,23 @@ def _weights(plan: PlanSizes, components: Components, stage: str) -> list[tuple[
     keep = {"sample": {"unet"}, "encode": {"vae"}, "decode": {"vae"}}[stage]
     if components.resident:
         keep = {"unet", "vae", "text"}
-    parts = [("UNet weights", unet if "unet" in keep else 0), ("VAE weights", vae if "vae" in keep else 0),
-             ("text encoder weights", text if "text" in keep else 0)]
-    if stage == "sample" and plan.unet_compute_dtype != plan.unet_dtype:
-        parts.append(("cast copy of one layer",
-                      int(components.unet_params * _LARGEST_LAYER_FRACTION * _size(plan.unet_compute_dtype))))
-    return parts
+    return [("UNet weights", unet if "unet" in keep else 0), ("VAE weights", vae if "vae" in keep else 0),
+            ("text encoder weights", text if "text" in keep else 0)]
 
 
 STAGES = ("encode", "sample", "decode")
 
 
 def stage_peak(plan: PlanSizes, stage: str, components: Components | None = None, *, overhead: int = 0,
-               brownian: bool = True) -> StagePeak:
+               brownian: bool = True, device: str = "cuda") -> StagePeak:
     """
     The peak of one stage of a run (see `estimate_peak`).
 
     Parameters:
         plan (`PlanSizes`): the run's sizes.
         stage (`str`): ``"encode"``, ``"sample"`` or ``"decode"``.
-        components (`Components`, *optional*), overhead (`int`), brownian (`bool`): see `estimate_peak`.
+        components (`Components`, *optional*), overhead (`int`), brownian (`bool`), device (`str`): see
+            `estimate_peak`.
     """
     components = Components() if components is None else components
     height, width = plan.pixel_size
@@ -166,9 +177,11 @@ def stage_peak(plan: PlanSizes, stage: str, components: Components | None = None
         chunk = longest_chunk(plan)
         video, per_chunk = sampler_elements(fitted.SAMPLER, plan.frames, chunk, plan.latent_h, plan.latent_w,
                                             brownian=brownian)
+        activations = unet_activation_bytes(plan, components.unet_config)
+        copies = weight_copies(plan, components, device)  # at the deepest layers, where activations are small
         parts = [("sampler state", int(video * 4) if plan.state_on_device else 0),
                  ("chunk tensors", int(per_chunk * 4) * (2 if plan.batch_cfg else 1)),
-                 ("UNet activations", unet_activation_bytes(plan, components.unet_config))]
+                 ("UNet activations", activations) if activations >= copies else ("UNet weight copies", copies)]
     elif stage == "decode":
         vae = vae_coefficients(components.vae_widths)
         window = min(plan.decode_window, plan.frames)
@@ -182,13 +195,14 @@ def stage_peak(plan: PlanSizes, stage: str, components: Components | None = None
 
 
 def estimate_peak(plan: PlanSizes, components: Components | None = None, *, overhead: int = 0,
-                  brownian: bool = True) -> MemoryEstimate:
+                  brownian: bool = True, device: str = "cuda") -> MemoryEstimate:
     """
     Estimates the peak device memory of a run: the weights that are resident, plus, per stage, its own tensors:
 
     * encode: the LR latent, one window of LR frames, the encoder's activations for one frame (or one tile);
     * sample: the sampler state (whole-video latents, the Brownian tree's cache) when it lives on the device, the
-      chunk's tensors, and one evaluation's activations (longest chunk × one tile × CFG batch);
+      chunk's tensors, and one evaluation's activations (longest chunk × one tile × CFG batch) or, when larger, the
+      transient copies of the largest layer's weight (`weight_copies`);
     * decode: the sampled latent, one window of decoded frames, the decoder's activations for one window (or tile).
 
     Parameters:
@@ -196,9 +210,11 @@ def estimate_peak(plan: PlanSizes, components: Components | None = None, *, over
         components (`Components`, *optional*): the models (default: the released ones, all resident).
         overhead (`int`): bytes to add to every stage (e.g. a process's own memory when comparing with RSS).
         brownian (`bool`): the sampler's noise comes from the torchsde Brownian tree (the official sampler).
+        device (`str`): the device type (``"cuda"``, ``"cpu"``, ...): on the CPU oneDNN adds a reordered copy of
+            each layer's weight.
 
     Returns:
         `MemoryEstimate`: per-stage peaks with their breakdown; ``.peak`` is the run's peak in bytes.
     """
-    return MemoryEstimate(plan, tuple(stage_peak(plan, stage, components, overhead=overhead, brownian=brownian)
-                                      for stage in STAGES))
+    return MemoryEstimate(plan, tuple(stage_peak(plan, stage, components, overhead=overhead, brownian=brownian,
+                                                 device=device) for stage in STAGES))
