@@ -11,6 +11,9 @@ and the sampler state with the Brownian tree. Minutes to tens of minutes; run it
 ``python bench/memory.py speed [--latent F H W] [--grid R C]`` times one full-size forward untiled against the same
 latent in R x C tiles (the sum of the tile forwards), each in a fresh process.
 
+``python bench/memory.py cuda`` (where a GPU is lent) sets the estimate beside ``torch.cuda.max_memory_allocated``
+for fp16 forwards up to a 4K latent and the official fp16-autocast VAE decode.
+
 ``python bench/memory.py calibrate [--quick]`` measures the modules under FakeTensorMode + MemTracker, fits the
 activation models, prints the fit error per point and the new ``star_core/memory/coefficients.py``.
 """
@@ -278,6 +281,66 @@ def speed(frames: int, h: int, w: int, grid: tuple[int, int], threads: int | Non
               f"| {(r['peak'] - r['after_build']) / GIB:.2f} | {unet_working_set(plan) / GIB:.2f} |", flush=True)
 
 
+# --- CUDA check (where a GPU is lent) ------------------------------------------------------------------------
+
+CUDA_UNET_SIZES = ((8, 90, 160), (32, 90, 160), (4, 138, 248), (1, 274, 488))
+CUDA_VAE_SIZES = ((3, 720, 1280), (3, 1104, 1984))
+
+
+def cuda_check() -> int:
+    """Estimate (device='cuda') vs ``torch.cuda.max_memory_allocated`` above the weights and inputs: one fp16 forward
+    per size, and the fp32 SVD VAE decoding 3-frame windows under fp16 autocast (the official decode)."""
+    if not torch.cuda.is_available():
+        print("cuda: no CUDA device here; run this where a GPU is lent")
+        return 1
+    from diffusers import AutoencoderKLTemporalDecoder
+    from forward import random_model
+
+    from star_core.memory import stage_peak
+    from star_core.memory.activations import vae_decode_elements
+    from star_core.memory.estimate import vae_coefficients
+    from star_core.tiny_models import FULL_VAE
+
+    def peak_above(fn) -> int:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.inference_mode():
+            out = fn()
+        del out
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+
+    print(f"Estimate vs torch.cuda.max_memory_allocated above weights and inputs, {torch.cuda.get_device_name()}\n")
+    print("| what | shape | estimated GiB | measured GiB | error |\n|---|---|---|---|---|")
+    def unet_rows() -> None:  # the model is freed on return, before the VAE is built
+        unet = random_model(torch.float16, torch.float16).to("cuda")
+        for frames, h, w in CUDA_UNET_SIZES:
+            inputs = [v.to("cuda") for v in _unet_inputs(frames, h, w, torch.float16)]
+            measured = peak_above(lambda: unet(*inputs))
+            plan = PlanSizes(frames, h, w, chunk_len=frames)
+            parts = dict(stage_peak(plan, "sample", device="cuda").parts)
+            estimated = parts.get("UNet activations") or parts["UNet weight copies"]
+            print(f"| UNet+ControlNet forward, fp16 | [1,4,{frames},{h},{w}] | {estimated / GIB:.2f} "
+                  f"| {measured / GIB:.2f} | {(estimated - measured) / measured:+.1%} |", flush=True)
+
+    unet_rows()
+    vae = AutoencoderKLTemporalDecoder(down_block_types=("DownEncoderBlock2D",) * 4, **FULL_VAE).to("cuda").eval()
+    for frames, height, width in CUDA_VAE_SIZES:
+        z = torch.randn(frames, 4, height // 8, width // 8, device="cuda")
+
+        def decode() -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.float16):
+                return vae.decode(z, num_frames=frames).sample
+
+        measured = peak_above(decode)
+        estimated = vae_decode_elements(vae_coefficients((128, 256, 512, 512)), frames, height, width) * 2
+        print(f"| SVD VAE decode, fp16 autocast | {frames}x{height}x{width} | {estimated / GIB:.2f} "
+              f"| {measured / GIB:.2f} | {(estimated - measured) / measured:+.1%} |", flush=True)
+    return 0
+
+
 # --- calibration -----------------------------------------------------------------------------------------------
 
 UNET_GRID = tuple((b, f, h, w) for h, w in ((34, 64), (66, 120), (90, 160), (138, 240))
@@ -360,8 +423,8 @@ SAMPLER = SamplerCoefficients(video_copies={_num(s.video_copies)}, chunk_copies=
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", nargs="?", default="estimates", choices=("estimates", "validate", "speed",
-                                                                             "calibrate"))
+    parser.add_argument("command", nargs="?", default="estimates",
+                        choices=("estimates", "validate", "speed", "calibrate", "cuda"))
     parser.add_argument("--quick", action="store_true", help="calibrate: a smaller grid")
     parser.add_argument("--latent", type=int, nargs=3, default=(1, 138, 240), metavar=("F", "H", "W"),
                         help="speed: latent frames, height, width (default 1 138 240: a 1080p-sized latent)")
@@ -392,6 +455,8 @@ def main() -> int:
         validate(args.threads, args.cache)
     elif args.command == "speed":
         speed(*args.latent, tuple(args.grid), args.threads, args.weights, args.compute, args.cache)
+    elif args.command == "cuda":
+        return cuda_check()
     else:
         calibrate(args.quick)
     return 0
