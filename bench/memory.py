@@ -345,7 +345,8 @@ def cuda_check() -> int:
 
 UNET_GRID = tuple((b, f, h, w) for h, w in ((34, 64), (66, 120), (90, 160), (138, 240))
                   for b, f in ((1, 1), (1, 2), (1, 4), (2, 4), (1, 8), (1, 16)))
-UNET_GRID_EXTRA = ((1, 32, 34, 64), (1, 32, 66, 120), (1, 1, 274, 488), (1, 2, 274, 488), (1, 4, 274, 488))
+UNET_GRID_EXTRA = ((1, 32, 34, 64), (1, 32, 66, 120), (1, 1, 274, 488), (1, 2, 274, 488), (1, 4, 274, 488),
+                   (1, 8, 274, 488), (2, 4, 210, 368), (1, 32, 274, 488))
 VAE_GRID = ((256, 256), (512, 512), (720, 1280))
 
 
@@ -384,8 +385,8 @@ def _num(value: float) -> str:
 
 def render_coefficients(fits: dict, tiny) -> str:
     def unet(c) -> str:
-        return (f"UNetCoefficients(per_cell={_num(c.per_cell)}, per_slice={_num(c.per_slice)}, "
-                f"constant={_num(c.constant)})")
+        return (f"UNetCoefficients(per_cell={_num(c.per_cell)}, per_slice={_num(c.per_slice)},\n"
+                f"                     whole_per_cell={_num(c.whole_per_cell)}, constant={_num(c.constant)})")
 
     def vae(c) -> str:
         return (f"VAECoefficients(encode_per_pixel={_num(c.encode_per_pixel)}, "

@@ -7,9 +7,10 @@ modules under ``FakeTensorMode`` (`star_core.memory.calibrate`, ``python bench/m
 * UNet + ControlNet, one evaluation of ``n = batch·frames`` frames of ``h×w`` latent cells: the tensors that live
   across layers (skips, the ControlNet's residuals, a ResBlock's input and output) grow with ``n·h·w``; a
   transformer's working set is one slice of at most `star_core.model.slicing.SLICE_ELEMENTS` elements of its
-  largest intermediate — or one frame's, when a single frame is bigger than that (large untiled latents). So
-  ``elements = per_cell·n·h·w + per_slice·S(n, h, w) + constant`` with ``S`` the largest slice the code will
-  make (computed here with the model's own slicing rule, so the fit follows it).
+  largest intermediate — or one frame's, when a single frame is bigger than that (large untiled latents). The peak
+  sits either in a transformer (``per_cell·n·h·w + per_slice·S(n, h, w)``, ``S`` the largest slice the code will
+  make, computed with the model's own slicing rule) or, once the slices are small beside the rest, where every
+  frame's full-width maps are alive at once (``whole_per_cell·n·h·w``): the larger of the two, plus a constant.
 * VAE: the SVD encoder runs one frame at a time, the temporal decoder a window of frames; both are linear in the
   pixels they see (a tile plus its halo when tiled), plus the whole-frame buffers an exact tiled VAE parks on the
   device between layers.
@@ -29,13 +30,15 @@ class UNetCoefficients:
     """Fitted activation model of one STARUNet evaluation (elements; multiply by the compute dtype's size).
 
     Parameters:
-        per_cell (`float`): elements per latent cell and frame.
+        per_cell (`float`): elements per latent cell and frame while a transformer slice sets the peak.
         per_slice (`float`): elements per element of the largest transformer slice intermediate.
+        whole_per_cell (`float`): elements per latent cell and frame where all frames' maps set the peak.
         constant (`float`): elements independent of the size.
     """
 
     per_cell: float
     per_slice: float
+    whole_per_cell: float
     constant: float
 
 
@@ -137,8 +140,8 @@ def unet_elements(coefficients: UNetCoefficients, config: STARConfig, batch: int
         batch (`int`), frames (`int`), h (`int`), w (`int`): the evaluation's shape.
     """
     cells = batch * frames * h * w
-    return (coefficients.per_cell * cells + coefficients.per_slice * largest_slice(config, batch, frames, h, w)
-            + coefficients.constant)
+    in_transformer = coefficients.per_cell * cells + coefficients.per_slice * largest_slice(config, batch, frames, h, w)
+    return max(in_transformer, coefficients.whole_per_cell * cells) + coefficients.constant
 
 
 def vae_encode_elements(coefficients: VAECoefficients, height: int, width: int, *, tile: int | None = None,

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 
 from ..model.config import STARConfig
-from .activations import (SamplerCoefficients, UNetCoefficients, VAECoefficients, largest_slice)
+from .activations import SamplerCoefficients, UNetCoefficients, VAECoefficients, largest_slice, unet_elements
 
 _CPU = torch.device("cpu")
 
@@ -173,6 +173,26 @@ def _least_squares(features: Sequence[Sequence[float]], targets: Sequence[float]
         active.remove(negative[0])
 
 
+def _fit_max(cells: Sequence[float], slices: Sequence[float], targets: Sequence[float]) -> UNetCoefficients:
+    """
+    Fits ``max(per_cell·cells + per_slice·slices, whole_per_cell·cells)``: each point is assigned to the branch that
+    predicts more, each branch is refitted on its points (relative least squares), until the assignment settles.
+    """
+    per_cell, per_slice = _least_squares([[c, s] for c, s in zip(cells, slices)], targets)
+    whole = max(t / c for t, c in zip(targets, cells))
+    for _ in range(50):
+        in_whole = [whole * c > per_cell * c + per_slice * s for c, s in zip(cells, slices)]
+        if any(in_whole):
+            whole = _least_squares([[c] for c, w in zip(cells, in_whole) if w],
+                                   [t for t, w in zip(targets, in_whole) if w])[0]
+        if not all(in_whole):
+            per_cell, per_slice = _least_squares([[c, s] for c, s, w in zip(cells, slices, in_whole) if not w],
+                                                 [t for t, w in zip(targets, in_whole) if not w])
+        if in_whole == [whole * c > per_cell * c + per_slice * s for c, s in zip(cells, slices)]:
+            break
+    return UNetCoefficients(per_cell=per_cell, per_slice=per_slice, whole_per_cell=whole, constant=0.0)
+
+
 def fit_unet(config: STARConfig, shapes: Iterable[tuple[int, int, int, int]],
              measure: Callable[..., int] = measure_unet) -> FitReport:
     """
@@ -185,11 +205,11 @@ def fit_unet(config: STARConfig, shapes: Iterable[tuple[int, int, int, int]],
     """
     shapes = list(shapes)
     measured = [measure(config, *shape) / 4 for shape in shapes]  # float32 bytes -> elements
-    features = [[b * f * h * w, largest_slice(config, b, f, h, w), 1.0] for b, f, h, w in shapes]
-    coefficients = UNetCoefficients(*_least_squares(features, measured))
-    rows = tuple((shape, m * 4, 4 * sum(c * x for c, x in zip((coefficients.per_cell, coefficients.per_slice,
-                                                                 coefficients.constant), feature)))
-                 for shape, m, feature in zip(shapes, measured, features))
+    cells = [b * f * h * w for b, f, h, w in shapes]
+    slices = [largest_slice(config, *shape) for shape in shapes]
+    coefficients = _fit_max(cells, slices, measured)
+    rows = tuple((shape, m * 4, 4 * unet_elements(coefficients, config, *shape))
+                 for shape, m in zip(shapes, measured))
     return FitReport(coefficients, rows)
 
 

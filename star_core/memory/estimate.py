@@ -88,7 +88,8 @@ def unet_coefficients(config: STARConfig) -> UNetCoefficients:
             return coefficients
     released = dict(fitted.UNET)[STARConfig()]
     ratio = config.dim / STARConfig().dim
-    return UNetCoefficients(released.per_cell * ratio, released.per_slice, released.constant * ratio)
+    return UNetCoefficients(released.per_cell * ratio, released.per_slice, released.whole_per_cell * ratio,
+                            released.constant * ratio)
 
 
 def vae_coefficients(widths: tuple[int, ...]) -> VAECoefficients:
