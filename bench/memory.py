@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -172,10 +173,17 @@ def worker_sampler(frames: int, h: int, w: int) -> dict:
     return {"seconds": time.perf_counter() - began, "baseline": baseline, "peak": _peak_rss()}
 
 
-def _spawn(*args: str, threads: int | None = None, cache: Path | None = None) -> dict:
-    """Runs one worker in a fresh process; with `cache`, a JSON-lines file of earlier results, reuses a result for
-    the same arguments (the tables can be recomputed without rerunning minutes of forwards)."""
-    key = " ".join(args)
+# glibc's malloc raises its mmap threshold (up to 32 MiB) after freeing a large block, so later tensors of a few
+# MiB come from the heap and their freed pages stay resident: RSS then overstates the live tensors by up to a few
+# hundred MiB. A fixed 64 KiB threshold returns every freed tensor to the system, so RSS follows the live memory.
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def _spawn(*args: str, threads: int | None = None, cache: Path | None = None, fixed_malloc: bool = False) -> dict:
+    """Runs one worker in a fresh process (with `fixed_malloc`, under `FIXED_MALLOC`); with `cache`, a JSON-lines
+    file of earlier results, reuses a result for the same arguments (the tables can be recomputed without rerunning
+    minutes of forwards)."""
+    key = ("mmap-64k " if fixed_malloc else "") + " ".join(args)
     if cache is not None and cache.is_file():
         for line in cache.read_text().splitlines():
             entry = json.loads(line)
@@ -184,7 +192,8 @@ def _spawn(*args: str, threads: int | None = None, cache: Path | None = None) ->
     cmd = [sys.executable, __file__, "--worker", *args]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, **FIXED_MALLOC} if fixed_malloc else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         raise RuntimeError(f"worker {args} failed: {proc.stderr.strip().splitlines()[-3:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -213,40 +222,43 @@ def validate(threads: int | None, cache: Path | None) -> None:
     from star_core.memory.activations import vae_decode_elements, vae_encode_elements
     from star_core.memory.estimate import fitted, vae_coefficients
 
-    print("Estimate (device='cpu') vs measured peak RSS, fresh process each, CPU, random full-size weights. "
-          "'working set' compares the estimated working memory (activations, or the largest layer's transient "
-          "weight copies, plus inputs) with the peak RSS above the loaded weights; 'total' adds the process's RSS "
-          "before the model (Python + torch) and the weights.\n")
-    print("| what | shape | weights GiB | est. working set GiB | meas. working set GiB | error | est. total GiB "
-          "| meas. peak RSS GiB | error | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("Estimate (device='cpu') vs measured peak RSS, fresh process each, CPU, random full-size weights. The "
+          "working set (activations, or the largest layer's transient weight copies, plus inputs) is compared with "
+          "the peak RSS above the loaded weights, measured twice: with glibc's malloc at a fixed 64 KiB mmap "
+          "threshold (freed tensors leave RSS) and with its default (freed mid-size tensors stay resident). "
+          "'total' = the process's RSS before the model (Python + torch) + weights + working set, vs the first.\n")
+    print("| what | shape | weights GiB | est. working set GiB | meas. GiB (64 KiB mmap) | error "
+          "| meas. GiB (glibc default) | error | est. total GiB | meas. peak RSS GiB | error | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 
-    def row(what: str, shape: str, r: dict, working: float, weights: int) -> None:
-        measured = r["peak"] - r["after_build"] if "after_build" in r else r["peak"] - r["baseline"]
-        total = r["baseline"] + weights + working
-        print(f"| {what} | {shape} | {weights / GIB:.2f} | {working / GIB:.3f} | {measured / GIB:.3f} "
-              f"| {(working - measured) / measured:+.1%} | {total / GIB:.2f} | {r['peak'] / GIB:.2f} "
-              f"| {(total - r['peak']) / r['peak']:+.1%} | {r['seconds']:.1f} |", flush=True)
+    def row(what: str, shape: str, args: tuple[str, ...], working: float, weights: int | None) -> None:
+        runs = [_spawn(*args, threads=threads, cache=cache, fixed_malloc=fixed) for fixed in (True, False)]
+        weights = runs[0].get("weights", 0) if weights is None else weights
+        measured = [r["peak"] - r.get("after_build", r["baseline"]) for r in runs]
+        total, peak = runs[0]["baseline"] + weights + working, runs[0]["peak"]
+        print(f"| {what} | {shape} | {weights / GIB:.2f} | {working / GIB:.3f} "
+              + " ".join(f"| {m / GIB:.3f} | {(working - m) / m:+.1%}" for m in measured)
+              + f" | {total / GIB:.2f} | {peak / GIB:.2f} | {(total - peak) / peak:+.1%} | {runs[0]['seconds']:.0f} |",
+              flush=True)
 
     for frames, h, w in UNET_SIZES:
-        r = _spawn("unet", str(frames), str(h), str(w), "bf16", "fp32", "1", "1", threads=threads, cache=cache)
         plan = PlanSizes(frames, h, w, chunk_len=frames, unet_dtype=torch.bfloat16, compute_dtype=torch.float32)
         inputs = 2 * 4 * frames * h * w * 4
-        row("UNet+ControlNet forward, bf16 weights, fp32 compute", f"[1,4,{frames},{h},{w}]", r,
-            unet_working_set(plan) + inputs, r["weights"])
+        row("UNet+ControlNet forward, bf16 weights, fp32 compute", f"[1,4,{frames},{h},{w}]",
+            ("unet", str(frames), str(h), str(w), "bf16", "fp32", "1", "1"), unet_working_set(plan) + inputs, None)
     vae = vae_coefficients((128, 256, 512, 512))
     for kind, frames, height, width in VAE_SIZES:
-        r = _spawn("vae", kind, str(frames), str(height), str(width), threads=threads, cache=cache)
         if kind == "encode":
             working = vae_encode_elements(vae, height, width) * 4 + 3 * height * width * 4
         else:
             working = vae_decode_elements(vae, frames, height, width) * 4 + 4 * frames * height * width // 16
-        row(f"SVD VAE {kind}, fp32", f"{frames}x{height}x{width}", r, working, r["weights"])
+        row(f"SVD VAE {kind}, fp32", f"{frames}x{height}x{width}", ("vae", kind, str(frames), str(height), str(width)),
+            working, None)
     frames, h, w = SAMPLER_SIZE
-    r = _spawn("sampler", str(frames), str(h), str(w), threads=threads, cache=cache)
     video = fitted.SAMPLER.video_copies + fitted.SAMPLER.brownian_copies - 2  # inputs exist before the baseline
     working = (video + fitted.SAMPLER.chunk_copies * min(32, frames) / frames) * 4 * frames * h * w * 4
-    row("sampler state (Brownian tree), fp32", f"[1,4,{frames},{h},{w}]", r, working, 0)
+    row("sampler state (Brownian tree), fp32", f"[1,4,{frames},{h},{w}]", ("sampler", str(frames), str(h), str(w)),
+        working, 0)
 
 
 # --- speed -----------------------------------------------------------------------------------------------------

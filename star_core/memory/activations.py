@@ -113,22 +113,6 @@ def largest_slice(config: STARConfig, batch: int, frames: int, h: int, w: int) -
     return largest
 
 
-def largest_conv_call(config: STARConfig, batch: int, frames: int, h: int, w: int) -> int:
-    """
-    Elements of the input plus the output of the largest convolution call of one evaluation: the first decoder
-    ResBlock at full resolution (``dim·(mult[0] + mult[1])`` channels in, ``dim·mult[0]`` out), on one frame slice
-    of the ResBlock. A backend that converts activations to its own layout (oneDNN on the CPU) holds a copy of both.
-
-    Parameters:
-        config (`STARConfig`): the architecture.
-        batch (`int`), frames (`int`), h (`int`), w (`int`): the evaluation's shape.
-    """
-    widths = [config.dim * m for m in config.dim_mult]
-    c_in, c_out = widths[0] + widths[min(1, len(widths) - 1)], widths[0]
-    rows = min(batch * frames, slicing.rows_per_slice(c_in * h * w))
-    return rows * (c_in + c_out) * h * w
-
-
 def unet_elements(coefficients: UNetCoefficients, config: STARConfig, batch: int, frames: int, h: int,
                   w: int) -> float:
     """

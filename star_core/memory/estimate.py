@@ -9,8 +9,8 @@ import torch
 from ..diffusion.chunking import plan_chunks
 from ..model.config import STARConfig
 from . import coefficients as fitted
-from .activations import (UNetCoefficients, VAECoefficients, largest_conv_call, sampler_elements, unet_elements,
-                          vae_decode_elements, vae_encode_elements)
+from .activations import (UNetCoefficients, VAECoefficients, sampler_elements, unet_elements, vae_decode_elements,
+                          vae_encode_elements)
 from .plan import Components, PlanSizes
 
 GIB = 2**30
@@ -139,18 +139,6 @@ def weight_copies(plan: PlanSizes, components: Components, device: str) -> int:
     return copies * largest_layer(components.unet_config) * _size(plan.unet_compute_dtype)
 
 
-def layout_copies(plan: PlanSizes, components: Components, device: str) -> int:
-    """
-    Bytes a backend that reorders activations (`REORDERING_DEVICES`: oneDNN's blocked layouts) adds during the
-    largest convolution call of an evaluation: its input and output in the backend's layout (0 elsewhere).
-    """
-    if device not in REORDERING_DEVICES:
-        return 0
-    h, w = plan.eval_size
-    calls = largest_conv_call(components.unet_config, 2 if plan.batch_cfg else 1, longest_chunk(plan), h, w)
-    return calls * _size(plan.unet_compute_dtype)
-
-
 def _weights(plan: PlanSizes, components: Components, stage: str) -> list[tuple[str, int]]:
     unet = components.unet_params * _size(plan.unet_dtype)
     vae = components.vae_params * _size(plan.vae_dtype)
@@ -190,7 +178,7 @@ def stage_peak(plan: PlanSizes, stage: str, components: Components | None = None
         chunk = longest_chunk(plan)
         video, per_chunk = sampler_elements(fitted.SAMPLER, plan.frames, chunk, plan.latent_h, plan.latent_w,
                                             brownian=brownian)
-        activations = unet_activation_bytes(plan, components.unet_config) + layout_copies(plan, components, device)
+        activations = unet_activation_bytes(plan, components.unet_config)
         copies = weight_copies(plan, components, device)  # at the deepest layers, where activations are small
         parts = [("sampler state", int(video * 4) if plan.state_on_device else 0),
                  ("chunk tensors", int(per_chunk * 4) * (2 if plan.batch_cfg else 1)),
@@ -223,8 +211,8 @@ def estimate_peak(plan: PlanSizes, components: Components | None = None, *, over
         components (`Components`, *optional*): the models (default: the released ones, all resident).
         overhead (`int`): bytes to add to every stage (e.g. a process's own memory when comparing with RSS).
         brownian (`bool`): the sampler's noise comes from the torchsde Brownian tree (the official sampler).
-        device (`str`): the device type (``"cuda"``, ``"cpu"``, ...): on the CPU oneDNN adds reordered copies of
-            a layer's weight and of a convolution's input and output (`weight_copies`, `layout_copies`).
+        device (`str`): the device type (``"cuda"``, ``"cpu"``, ...): on the CPU oneDNN adds a reordered copy of
+            each layer's weight (`weight_copies`).
 
     Returns:
         `MemoryEstimate`: per-stage peaks with their breakdown; ``.peak`` is the run's peak in bytes.
