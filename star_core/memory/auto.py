@@ -90,12 +90,26 @@ def _axis_edges(length: int, overlap: int, levels: int, axis: str, minimum: int)
         count += 1
 
 
+def tiled_cells(length: int, edge: int, overlap: int) -> int:
+    """Cells one axis evaluates with tiles of `edge` overlapping by at least `overlap` (`plan_windows`' count)."""
+    if edge >= length:
+        return length
+    return -(-(length - overlap) // (edge - overlap)) * edge
+
+
 def _tile_candidates(plan: PlanSizes, levels: int) -> list[tuple[int, int] | None]:
-    """None (untiled), then the tiles of every rows x cols grid down to `MIN_TILE`, largest tile first."""
+    """None (untiled), then the tiles of every rows x cols grid down to `MIN_TILE`, the least evaluated cells (the
+    overlaps' extra work) first, then the larger tile: thin strips, which overlap the most, come late."""
     heights = _axis_edges(plan.latent_h, plan.tile_overlap, levels, "h", MIN_TILE[0])
     widths = _axis_edges(plan.latent_w, plan.tile_overlap, levels, "w", MIN_TILE[1])
     tiles = [(th, tw) for th in heights for tw in widths if th < plan.latent_h or tw < plan.latent_w]
-    return [None] + sorted(tiles, key=lambda t: (-t[0] * t[1], t))
+
+    def key(tile: tuple[int, int]) -> tuple[int, int]:
+        cells = (tiled_cells(plan.latent_h, tile[0], plan.tile_overlap)
+                 * tiled_cells(plan.latent_w, tile[1], plan.tile_overlap))
+        return cells, -tile[0] * tile[1]
+
+    return [None] + sorted(tiles, key=key)
 
 
 def _chunk_candidates(plan: PlanSizes) -> list[int]:
@@ -109,9 +123,10 @@ def _sample_candidates(base: PlanSizes, components: Components, auto: set[str], 
     states = [True, False] if "state_on_device" in auto else [base.state_on_device]
     plans = [base.replace(chunk_len=c, tile=t, state_on_device=s) for c in chunks for t in tiles for s in states]
 
+    rank = {tile: i for i, tile in enumerate(tiles)}
+
     def key(p: PlanSizes) -> tuple:
-        area = p.latent_h * p.latent_w if p.tile is None else p.tile[0] * p.tile[1]
-        return (p.chunk_len < min_chunk, p.tile is not None, -p.chunk_len, -area, not p.state_on_device)
+        return (p.chunk_len < min_chunk, p.tile is not None, -p.chunk_len, rank[p.tile], not p.state_on_device)
 
     return sorted(plans, key=key)
 
@@ -135,9 +150,9 @@ def candidates(base: PlanSizes, stage: str, components: Components | None = None
     The plans `choose_plan` tries for one stage, most preferred first; only that stage's fields (`STAGE_FIELDS`)
     named in `auto` vary.
 
-    * sample: untiled before tiled, longer chunks before shorter ones, larger tiles before smaller ones, the
-      sampler state on the device before on the host; chunks shorter than `min_chunk` only after every tiled plan
-      with a longer chunk.
+    * sample: untiled before tiled, longer chunks before shorter ones, tilings with less overlap work (larger,
+      squarer tiles) before others, the sampler state on the device before on the host; chunks shorter than
+      `min_chunk` only after every tiled plan with a longer chunk.
     * encode / decode: the longest decode window (up to the base plan's; the official 3 gives the official
       frames), whole frames, then exact tiles from large to small with the whole-frame buffers on the device, then
       the same on the host.
