@@ -175,8 +175,7 @@ def candidates(base: PlanSizes, stage: str, components: Components | None = None
 
 def choose_plan(budget: int, base: PlanSizes, components: Components | None = None, *,
                 auto: Iterable[str] = AUTO_FIELDS, margin: float = DEFAULT_MARGIN,
-                min_chunk: int = DEFAULT_MIN_CHUNK, overhead: int = 0, brownian: bool = True,
-                device: str = "cuda") -> PlanSizes:
+                min_chunk: int = DEFAULT_MIN_CHUNK, overhead: int = 0, brownian: bool = True) -> PlanSizes:
     """
     The most preferred plan whose estimated peak fits `budget` (less a `margin`) in every stage. The stages are
     independent (each has its own fields, `STAGE_FIELDS`), so each gets the most preferred of its `candidates`
@@ -192,7 +191,7 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
         margin (`float`): fraction of `budget` kept free for what the estimate does not count.
         min_chunk (`int`): shortest chunk preferred over diffusion tiling (1: tile only when even one frame
             does not fit untiled).
-        overhead (`int`), brownian (`bool`), device (`str`): see `estimate_peak`.
+        overhead (`int`), brownian (`bool`): see `estimate_peak`.
 
     Returns:
         `PlanSizes`: the chosen plan.
@@ -213,7 +212,7 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
     for stage in STAGES:
         smallest = None
         for candidate in candidates(plan, stage, components, auto, min_chunk=min_chunk):
-            need = stage_peak(candidate, stage, components, overhead=overhead, brownian=brownian, device=device).total
+            need = stage_peak(candidate, stage, components, overhead=overhead, brownian=brownian).total
             if need <= usable:
                 plan = candidate
                 break
@@ -229,7 +228,7 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
 
 def shrink(plan: PlanSizes, stage: str, components: Components | None = None, *,
            auto: Iterable[str] = AUTO_FIELDS, factor: float = 0.75, min_chunk: int = DEFAULT_MIN_CHUNK,
-           brownian: bool = True, device: str = "cuda") -> PlanSizes | None:
+           brownian: bool = True) -> PlanSizes | None:
     """
     The next plan to try after `plan` ran out of memory in `stage`: the most preferred of the stage's
     `candidates` whose estimate is at most `factor` times `plan`'s, else the smallest candidate if it is smaller
@@ -241,10 +240,10 @@ def shrink(plan: PlanSizes, stage: str, components: Components | None = None, *,
         components (`Components`, *optional*): the models.
         auto (`Iterable[str]`): the fields that may change.
         factor (`float`): how much smaller (estimated) the next plan must be.
-        min_chunk (`int`), brownian (`bool`), device (`str`): as for `choose_plan`.
+        min_chunk (`int`), brownian (`bool`): as for `choose_plan`.
     """
     def need(p: PlanSizes) -> int:
-        return stage_peak(p, stage, components, brownian=brownian, device=device).total
+        return stage_peak(p, stage, components, brownian=brownian).total
 
     options = candidates(plan, stage, components, auto, min_chunk=min_chunk)
     current = need(plan)

@@ -14,9 +14,6 @@ from .activations import (UNetCoefficients, VAECoefficients, sampler_elements, u
 from .plan import Components, PlanSizes
 
 GIB = 2**30
-# Device types whose convolution backend copies a layer's weight into its own layout on every call (oneDNN on the
-# CPU); CUDA's cuDNN workspace is left to the budget's margin.
-REORDERING_DEVICES = ("cpu",)
 
 
 @dataclass(frozen=True)
@@ -130,12 +127,12 @@ def largest_layer(config: STARConfig) -> int:
     return 2 * width * width * 9
 
 
-def weight_copies(plan: PlanSizes, components: Components, device: str) -> int:
+def weight_copies(plan: PlanSizes, components: Components) -> int:
     """
-    Bytes of the transient copies of one layer's weight during its call: the cast to the compute dtype (cast
-    operations) and the backend's reordered copy (`REORDERING_DEVICES`), at the largest layer.
+    Bytes of the transient copy of one layer's weight in the compute dtype during its call (cast operations, when
+    the compute dtype differs from the storage dtype), at the largest layer.
     """
-    copies = (plan.unet_compute_dtype != plan.unet_dtype) + (device in REORDERING_DEVICES)
+    copies = plan.unet_compute_dtype != plan.unet_dtype
     return copies * largest_layer(components.unet_config) * _size(plan.unet_compute_dtype)
 
 
@@ -154,15 +151,14 @@ STAGES = ("encode", "sample", "decode")
 
 
 def stage_peak(plan: PlanSizes, stage: str, components: Components | None = None, *, overhead: int = 0,
-               brownian: bool = True, device: str = "cuda") -> StagePeak:
+               brownian: bool = True) -> StagePeak:
     """
     The peak of one stage of a run (see `estimate_peak`).
 
     Parameters:
         plan (`PlanSizes`): the run's sizes.
         stage (`str`): ``"encode"``, ``"sample"`` or ``"decode"``.
-        components (`Components`, *optional*), overhead (`int`), brownian (`bool`), device (`str`): see
-            `estimate_peak`.
+        components (`Components`, *optional*), overhead (`int`), brownian (`bool`): see `estimate_peak`.
     """
     components = Components() if components is None else components
     height, width = plan.pixel_size
@@ -179,7 +175,7 @@ def stage_peak(plan: PlanSizes, stage: str, components: Components | None = None
         video, per_chunk = sampler_elements(fitted.SAMPLER, plan.frames, chunk, plan.latent_h, plan.latent_w,
                                             brownian=brownian)
         activations = unet_activation_bytes(plan, components.unet_config)
-        copies = weight_copies(plan, components, device)  # at the deepest layers, where activations are small
+        copies = weight_copies(plan, components)  # at the deepest layers, where activations are small
         parts = [("sampler state", int(video * 4) if plan.state_on_device else 0),
                  ("chunk tensors", int(per_chunk * 4) * (2 if plan.batch_cfg else 1)),
                  ("UNet activations", activations) if activations >= copies else ("UNet weight copies", copies)]
@@ -196,7 +192,7 @@ def stage_peak(plan: PlanSizes, stage: str, components: Components | None = None
 
 
 def estimate_peak(plan: PlanSizes, components: Components | None = None, *, overhead: int = 0,
-                  brownian: bool = True, device: str = "cuda") -> MemoryEstimate:
+                  brownian: bool = True) -> MemoryEstimate:
     """
     Estimates the peak device memory of a run: the weights that are resident, plus, per stage, its own tensors:
 
@@ -211,11 +207,9 @@ def estimate_peak(plan: PlanSizes, components: Components | None = None, *, over
         components (`Components`, *optional*): the models (default: the released ones, all resident).
         overhead (`int`): bytes to add to every stage (e.g. a process's own memory when comparing with RSS).
         brownian (`bool`): the sampler's noise comes from the torchsde Brownian tree (the official sampler).
-        device (`str`): the device type (``"cuda"``, ``"cpu"``, ...): on the CPU oneDNN adds a reordered copy of
-            each layer's weight (`weight_copies`).
 
     Returns:
         `MemoryEstimate`: per-stage peaks with their breakdown; ``.peak`` is the run's peak in bytes.
     """
-    return MemoryEstimate(plan, tuple(stage_peak(plan, stage, components, overhead=overhead, brownian=brownian,
-                                                 device=device) for stage in STAGES))
+    return MemoryEstimate(plan, tuple(stage_peak(plan, stage, components, overhead=overhead, brownian=brownian)
+                                      for stage in STAGES))
