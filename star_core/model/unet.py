@@ -150,6 +150,13 @@ class STARUNet(nn.Module):
             frames = apply_layer(layer, frames, cond)
         frames = next(controls) + frames
         for block in self.output_blocks:
-            frames = run_block(block, torch.cat([frames, skips.pop()], dim=1), cond)
+            # Every decoder block starts with a ResBlock on [frames, skip]; dropping each name as soon as its tensor
+            # is consumed keeps neither the previous output nor the concatenation alive for the rest of the block.
+            joined = torch.cat([frames, skips.pop()], dim=1)
+            del frames
+            frames = apply_layer(block[0], joined, cond)
+            del joined
+            for layer in block[1:]:
+                frames = apply_layer(layer, frames, cond)
         out = self.out(frames)
         return out.view(b, f, -1, h, w).transpose(1, 2).contiguous()
