@@ -23,6 +23,8 @@ from av.sidedata.sidedata import Type as SideDataType
 from .frames import SourceInfo, to_uint8
 from .host import LOG
 
+# file extensions treated as videos when a folder is scanned
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
 # name -> (encoder, options, pixel format for even sizes, pixel format for odd sizes)
 CODECS: dict[str, tuple[str, dict[str, str], str, str]] = {
     "h264": ("libx264", {"preset": "slow"}, "yuv420p", "yuv444p"),
