@@ -485,9 +485,19 @@ def test_row10_nan_or_inf_in_node_inputs_is_an_error_before_sampling(nodes, load
 @pytest.mark.parametrize(("args", "message"), [
     (["--chunk-len", "8", "--chunk-overlap", "8"], "--chunk-overlap (8) must be smaller than the chunk length (8)"),
     (["--chunk-len", "8", "--chunk-overlap", "9"], "--chunk-overlap (9) must be smaller than the chunk length (8)"),
-    (["--decode-tile", "64", "--decode-tile-overlap", "64"],
+    (["--decode-tile", "64", "--decode-tile-overlap", "64", "--decode-tile-mode", "fast"],
      "--decode-tile overlap 64 px must be smaller than the tile size 64 px"),
-    (["--encode-tile", "128", "--encode-tile-overlap", "200"], "--encode-tile overlap 200 px must be smaller"),
+    (["--encode-tile", "128", "--encode-tile-overlap", "200", "--encode-tile-mode", "fast"],
+     "--encode-tile overlap 200 px must be smaller"),
+    (["--encode-tile", "100"], "--encode-tile size 100 px is invalid: use a positive multiple of 8"),
+    (["--diffusion-tile", "64", "--diffusion-tile-overlap", "64"],
+     "--diffusion-tile-overlap (64 px) must be smaller than the tile (64x64 px)"),
+    (["--diffusion-tile", "64x128", "--diffusion-tile-overlap", "80"],
+     "--diffusion-tile-overlap (80 px) must be smaller than the tile (64x128 px)"),
+    (["--diffusion-tile", "0"], "--diffusion-tile must be two integers (height, width) in [8, 16384] pixels, got (0, 0)"),
+    (["--diffusion-tile", "-64"], "--diffusion-tile must be two integers (height, width) in [8, 16384] pixels"),
+    (["--diffusion-tile", "20000x64"], "--diffusion-tile must be two integers (height, width) in [8, 16384] pixels"),
+    (["--diffusion-tile-overlap", "-1"], "--diffusion-tile-overlap must be in [0, 16384], got -1"),
     (["--decode-tile", "0"], "--decode-tile must be in [8, 16384], got 0"),
     (["--decode-tile", "-8"], "--decode-tile must be in [8, 16384], got -8"),
     (["--chunk-len", "0"], "--chunk-len must be in [1, 100000], got 0"),
@@ -515,11 +525,18 @@ def test_row11_cli_validation_names_the_flag_and_range(run_cli, tmp_path, args, 
     assert run_cli.loads == loads and not (tmp_path / "o.mp4").exists()
 
 
-@pytest.mark.parametrize(("value", "message"), [("0x5", "must be positive"), ("1080by1920", "must look like HEIGHTxWIDTH")])
-def test_row11_cli_target_size_is_checked_by_the_parser(tmp_path, capsys, value, message):
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target-size", "0x5"], "--target-size must be positive"),
+    (["--target-size", "1080by1920"], "--target-size must look like HEIGHTxWIDTH"),
+    (["--diffusion-tile", "abc"], "argument --diffusion-tile: must be pixels as N, HEIGHTxWIDTH (e.g. 512x768) or off"),
+    (["--diffusion-tile-blend", "cosine"], "argument --diffusion-tile-blend: invalid choice: 'cosine' (choose from"),
+    (["--decode-tile-mode", "approx"], "argument --decode-tile-mode: invalid choice: 'approx' (choose from 'exact'"),
+    (["--encode-tile-mode", "approx"], "argument --encode-tile-mode: invalid choice: 'approx' (choose from 'exact'"),
+])
+def test_row11_cli_malformed_values_are_named_by_the_parser(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exited:
-        cli.main(["upscale", "in.mp4", "-o", str(tmp_path / "o.mp4"), "--target-size", value])
-    assert exited.value.code == 2 and f"--target-size {message}" in capsys.readouterr().err
+        cli.main(["upscale", "in.mp4", "-o", str(tmp_path / "o.mp4"), *args])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
 def node_decode(nodes, parts, latent, **overrides):
@@ -536,13 +553,11 @@ def node_decode(nodes, parts, latent, **overrides):
     ("sample", dict(cfg=math.nan), "STAR Sampler: cfg must be a finite number, got nan"),
     ("sample", dict(steps=0), "STAR Sampler: steps must be in [1, 1000], got 0"),
     ("sample", dict(rescale=2.0), "STAR Sampler: rescale must be in [0, 1], got 2.0"),
-    ("encode", dict(tile=32, tile_overlap=32), "STAR LR Encode: tile overlap 32 px must be smaller than the tile"),
     ("encode", dict(tile=100), "STAR LR Encode: tile size 100 px is invalid: use a positive multiple of 8"),
     ("encode", dict(scale=-1.0), "STAR LR Encode: scale must be in [1, 8], got -1.0"),
     ("encode", dict(seed=2**64), "STAR LR Encode: seed must be in [0, 18446744073709551615]"),
     ("decode", dict(temporal_window=2, temporal_overlap=2),
      "STAR Tiled VAE Decode: temporal_overlap (2) must be smaller than the decoder window (2)"),
-    ("decode", dict(tile=64, tile_overlap=64), "STAR Tiled VAE Decode: tile overlap 64 px must be smaller"),
     ("decode", dict(temporal_window=0), "STAR Tiled VAE Decode: temporal_window must be in [1, 256], got 0"),
 ])
 def test_row11_node_validation_names_the_input_and_range(nodes, loaded, lr_latent, node, inputs, message):
