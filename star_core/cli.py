@@ -24,6 +24,7 @@ from tqdm import tqdm
 from . import pipeline
 from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .host import HostContext, ProgressEvent
+from .memory import NoPlanFits, free_cached_memory, is_out_of_memory
 from .options import SpecError
 from .spec import DEFAULTS, RunSpec, default, option_info
 from .train.cli import add_train_parser, run_train
@@ -31,8 +32,8 @@ from .video_io import CODECS, VIDEO_EXTENSIONS, FileSource, VideoFileSink, check
 
 EXIT_FAILED, EXIT_MODELS_MISSING, EXIT_INTERRUPTED = 1, 3, 130
 # What lowers the memory a run needs, for the out-of-memory message (largest effect first).
-OOM_ADVICE = ("lower the memory a step needs: --decode-tile 512 --encode-tile 512, a shorter --chunk-len (e.g. 16), "
-              "--dtype fp16, or a smaller output (--scale / --target-size)")
+OOM_ADVICE = ("lower the memory a step needs: --diffusion-tile 512 (sampling), --decode-tile 512 --encode-tile 512, "
+              "a shorter --chunk-len (e.g. 16), --dtype fp16, or a smaller output (--scale / --target-size)")
 DEMO_FRAMES = 8  # 8 frames of 48x32, x2: small enough for a CPU, long enough to exercise windows and chunks
 DEMO_NOTE = ("--demo-tiny: tiny RANDOM-weight models on a generated clip. The output is noise: this checks that the "
              "install runs end to end, not the quality.")
@@ -384,6 +385,14 @@ def load_components(args: argparse.Namespace, spec: RunSpec, device: torch.devic
     return pipeline.Components(unet, vae, positive, negative)
 
 
+def out_of_memory_message(error: BaseException) -> str:
+    """One line for a video that ran out of memory: what ran out and what lowers the memory a step needs."""
+    if isinstance(error, NoPlanFits):  # the retry's own verdict: names the smallest plan tried and what it needs
+        return str(error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"out of memory ({first}); {OOM_ADVICE}"
+
+
 def _log(message: str) -> None:
     """A note for the user: one line on stderr, printed between the progress bars."""
     tqdm.write(message, file=sys.stderr)
@@ -467,11 +476,12 @@ def run_upscale(args: argparse.Namespace) -> int:
             failures += 1
             print(f"error: {src}: {exc}", file=sys.stderr)
             continue
-        except (MemoryError, *host.oom_errors) as exc:  # this video did not fit; the next ones may
+        except Exception as exc:  # noqa: BLE001 - out of memory only (this video did not fit; the next may); others raise
+            if not (isinstance(exc, MemoryError) or is_out_of_memory(exc, host.oom_errors)):
+                raise
             failures += 1
-            gc.collect()
-            print(f"error: {src}: out of memory ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                  f"{OOM_ADVICE}", file=sys.stderr)
+            free_cached_memory()
+            print(f"error: {src}: {out_of_memory_message(exc)}", file=sys.stderr)
             continue
         except KeyboardInterrupt:
             progress.close()

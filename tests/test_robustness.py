@@ -709,9 +709,15 @@ def test_row13_disk_full_fails_that_video_without_a_file_and_the_batch_goes_on(d
 
 # ---------------------------------------------------------------------------------- row 14: out of memory
 
-@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
-                                   MemoryError()])
-def test_row14_out_of_memory_fails_that_video_with_advice_and_the_batch_goes_on(run_cli, tmp_path, error):
+@pytest.mark.parametrize(("error", "said"), [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+     "CUDA out of memory. Tried to allocate 20.00 GiB"),
+    (MemoryError(), "MemoryError"),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                  "to allocate 26843545600 bytes."), "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                                                    "can't allocate memory: you tried to allocate 26843545600 bytes."),
+])
+def test_row14_out_of_memory_fails_that_video_with_advice_and_the_batch_goes_on(run_cli, tmp_path, error, said):
     """A simulated out-of-memory error in the first video's first network call: that video fails with one line that
     says what lowers the memory, leaves no file, and the next video of the batch runs."""
     folder = tmp_path / "in"
@@ -733,10 +739,50 @@ def test_row14_out_of_memory_fails_that_video_with_advice_and_the_batch_goes_on(
     finally:
         handle.remove()
     assert code == cli.EXIT_FAILED and no_traceback(err), err
-    assert re.search(r"error: .*a.mp4: out of memory \((CUDA out of memory. Tried to allocate 20.00 GiB|MemoryError)\); "
-                     r"lower the memory a step needs: --decode-tile 512 --encode-tile 512, a shorter --chunk-len", err)
+    line = next(line for line in err.splitlines() if line.startswith("error: "))
+    assert line.endswith(f"a.mp4: out of memory ({said}); lower the memory a step needs: --diffusion-tile 512 "
+                         "(sampling), --decode-tile 512 --encode-tile 512, a shorter --chunk-len (e.g. 16), --dtype "
+                         "fp16, or a smaller output (--scale / --target-size)"), line
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["b.mp4"]
     assert "1 of 2 videos failed" in err
+
+
+def test_row14_no_plan_fits_is_said_once_with_the_smallest_plan(run_cli, tmp_path):
+    """When the retry gave up (`NoPlanFits`), its message (the smallest plan tried, what it needs) is the line."""
+    from star_core.memory import GIB, NoPlanFits, PlanSizes
+
+    clip = write_synthetic_clip(tmp_path / "a.mp4", frames=2, width=16, height=16)
+    run_cli(clip, "-o", tmp_path / "warm.mp4")
+    smallest = PlanSizes(frames=2, latent_h=4, latent_w=4, chunk_len=1, tile=(2, 4))
+
+    def no_plan_fits(*_):
+        raise NoPlanFits(None, smallest, 3 * GIB, "sample") from torch.OutOfMemoryError("CUDA out of memory.")
+
+    handle = next(iter(run_cli.loaded.values())).model.register_forward_pre_hook(no_plan_fits)
+    try:
+        code, err = run_cli(clip, "-o", tmp_path / "o.mp4")
+    finally:
+        handle.remove()
+    assert code == cli.EXIT_FAILED and no_traceback(err) and not (tmp_path / "o.mp4").exists(), err
+    assert (f"error: {clip}: out of memory (sampling) even with the smallest plan (chunk 1, tile 2x4 latent) needs "
+            "3.00 GiB; free memory or lower the output size\n") in err, err
+
+
+def test_row14_other_runtime_errors_are_not_taken_for_out_of_memory(run_cli, tmp_path):
+    """Only allocation failures are reported as 'out of memory'; any other error is a bug and keeps its traceback."""
+    clip = write_synthetic_clip(tmp_path / "a.mp4", frames=2, width=16, height=16)
+    run_cli(clip, "-o", tmp_path / "warm.mp4")
+
+    def broken(*_):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")
+
+    handle = next(iter(run_cli.loaded.values())).model.register_forward_pre_hook(broken)
+    try:
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            run_cli(clip, "-o", tmp_path / "o.mp4")
+    finally:
+        handle.remove()
+    assert not (tmp_path / "o.mp4").exists()
 
 # ----------------------------------------------------------------------------------- row 15: cancel / Ctrl-C
 
