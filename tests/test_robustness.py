@@ -296,11 +296,28 @@ def test_row08_small_odd_and_portrait_sizes_are_exact(tiny_parts, size, scale, t
     assert out.shape == (2, *target, 3) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize(("size", "tile", "target"), [((33, 17), (32, 32), (99, 51)), ((7, 13), (16, 24), (21, 39))])
+def test_row08_odd_sizes_with_diffusion_tiles_are_exact(tiny_parts, size, tile, target):
+    """Diffusion tiles on odd sizes (x3): every network call sees less than the whole latent, the output has the
+    exact size."""
+    spec = DEFAULTS.with_options({**QUICK, "output.scale": 3.0, "sampler.tile": tile})
+    seen = []
+    handle = tiny_parts.model.register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape[-2:])))
+    try:
+        out = upscale_video(frames_of(2, *size), spec, tiny_parts)
+    finally:
+        handle.remove()
+    whole = plan_geometry(2, *size, scale=3.0, padding="minimal").padded_size
+    assert out.shape == (2, *target, 3) and torch.isfinite(out).all()
+    assert len(seen) > 1 and all(h * w < whole[0] * whole[1] // 64 for h, w in seen), (seen, whole)
+
+
 @pytest.mark.parametrize("padding", ["official", "minimal"])
 @pytest.mark.parametrize("size", [(1081, 1921), (1921, 1081)])
 def test_row08_full_hd_plus_one_plans_and_crops_exactly(size, padding):
     """1081x1921 and its portrait: the canvas is valid for the network and the crop gives back the exact frame
-    (the full network run at this size is a GPU job; the tiny UNet's attention would need tens of GB here)."""
+    (a full tiny-model run at this size takes ~80 s on one CPU thread even with diffusion and VAE tiles: too slow
+    for the suite; the geometry is what decides the size)."""
     geometry = plan_geometry(1, *size, scale=1.0, padding=padding)
     height, width = geometry.padded_size
     assert geometry.target_size == size and height % 64 == 16 and width % 64 == 0
@@ -874,6 +891,35 @@ def test_row15_memory_is_released_after_cancelled_runs(demo_models):
     assert all(r["files_left"] == [] for r in cancelled)
     # bound: 10 MB above the warm full run (a model copy is 35 MB; the bench's 3 rounds measured -1.1 to +0.0 MB)
     assert all(r["rss_mb"] - warm < 10 for r in rows[3:]), rows
+
+
+def test_row15_cancel_during_tiled_sampling_stops_within_one_tile(tiny_parts):
+    """With diffusion tiles a cancel is checked before every tile's network call: a cancel raised during the first
+    tile stops the run before the second (of many), nothing reaches the sink, and the next run works."""
+    spec = DEFAULTS.with_options({**QUICK, "output.scale": 2.0, "sampler.tile": (16, 16)})
+    cancelled, calls = [], []
+
+    def interrupt():
+        if cancelled:
+            raise KeyboardInterrupt
+
+    def network_call(*_):
+        calls.append(1)
+        cancelled.append(True)
+
+    reference = upscale_video(frames_of(2, 16, 24), spec, tiny_parts)
+    handle = tiny_parts.model.register_forward_pre_hook(network_call)
+    sink = TensorSink()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run(TensorSource(frames_of(2, 16, 24)), sink, spec, tiny_parts, HostContext(interrupt=interrupt))
+        assert calls == [1] and sink.frames is None
+        cancelled.clear()
+        calls.clear()
+        again = upscale_video(frames_of(2, 16, 24), spec, tiny_parts)
+    finally:
+        handle.remove()
+    assert len(calls) > 1 and torch.equal(again, reference)  # the planned run has many tile calls
 
 
 def test_row15_node_cancel_during_decode_then_the_next_run_works(nodes, loaded, lr_latent):
