@@ -1047,3 +1047,30 @@ def test_row19_missing_or_misplaced_model_file_lists_what_is_there(nodes, models
                            "Available: 'svd_vae_tiny.safetensors'.")
     finally:
         misplaced.unlink()
+
+
+def test_row19_cli_missing_or_misplaced_model_file_lists_what_is_there(tmp_path, capsys, monkeypatch):
+    """The command line: a --model path that does not exist lists its folder; a ComfyUI models folder without the
+    checkpoint lists its STAR folder and points at the checkpoint put in another folder. Nothing is loaded."""
+    monkeypatch.setenv("STAR_VSR_CACHE", str(tmp_path / "cache"))  # no cached downloads either
+    clip = write_synthetic_clip(tmp_path / "in.mp4", frames=1, width=16, height=16)
+    models = tmp_path / "models"
+    for folder in ("STAR", "checkpoints"):
+        (models / folder).mkdir(parents=True)
+    (models / "STAR" / "heavy_deg.pt").write_bytes(b"")
+    (models / "checkpoints" / "light_deg.pt").write_bytes(b"")
+    (models / "checkpoints" / "sdxl_lightning.safetensors").write_bytes(b"")  # 'light', but not STAR's
+    base = ["upscale", str(clip), "-o", str(tmp_path / "o.mp4"), "--offline"]
+
+    assert cli.main([*base, "--model", str(models / "STAR" / "light_deg.pt")]) == cli.EXIT_FAILED
+    assert capsys.readouterr().err == (f"error: --model {models / 'STAR' / 'light_deg.pt'} does not exist: check the "
+                                       f"path ({models / 'STAR'} holds 'heavy_deg.pt')\n")
+    assert cli.main([*base, "--model", str(tmp_path / "nowhere" / "light_deg.pt")]) == cli.EXIT_FAILED
+    assert f"check the path ({tmp_path / 'nowhere'} does not exist)" in capsys.readouterr().err
+
+    assert cli.main([*base, "--model", "light", "--comfy-models", str(models)]) == cli.EXIT_MODELS_MISSING
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(
+        f"No 'light' checkpoint in the ComfyUI STAR folder: {models / 'STAR'} holds 'heavy_deg.pt'.\n"
+        f"'light_deg.pt' is in {models / 'checkpoints'} (the 'checkpoints' folder): move it to {models / 'STAR'}."), err
+    assert "Traceback" not in err and not (tmp_path / "o.mp4").exists()
