@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import pipeline
+from . import autosize, pipeline
 from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .host import HostContext, ProgressEvent
-from .options import SpecError
+from .memory import NoPlanFits
+from .options import AUTO, SpecError
 from .spec import DEFAULTS, RunSpec, default, option_info
 from .train.cli import add_train_parser, run_train
 from .video_io import CODECS, VIDEO_EXTENSIONS, FileSource, VideoFileSink, probe_video, write_synthetic_clip
@@ -90,8 +91,19 @@ def _add_spec_option(group, flag: str, path: str) -> None:
         return
     kind = {"int": int, "float": float, "tuple": _pixel_pair}.get(getattr(info.kind, "__name__", ""), str)
     metavar = {int: "N", float: "X", _pixel_pair: "HxW"}.get(kind)
+    if info.auto:
+        kind, metavar = _or_auto(kind), f"{metavar}|auto"
     group.add_argument(flag, dest=dest, type=kind, default=default(path), help=info.help,
                        choices=info.choices, metavar=None if info.choices else metavar)
+
+
+def _or_auto(kind):
+    """An argparse type that also takes ``auto`` (the run sizes the option for its memory budget)."""
+    def parse(text: str):
+        return AUTO if text.lower() == AUTO else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -135,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                      help="UNet weight dtype; auto = fp16 on GPU (official), fp32 on CPU. VAE and text stay fp32")
+    run.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
+                     help="device memory the run may use, weights included, for the 'auto' sizes (chunk length, "
+                          "diffusion and VAE tiles, decode window); default: the device's free memory plus what "
+                          "the models occupy (the available RAM on CPU)")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads for torch (None: torch's choice; 1 helps on an overloaded machine)")
     run.add_argument("--codec", choices=tuple(CODECS), default="h264",
@@ -367,6 +383,15 @@ def load_components(args: argparse.Namespace, spec: RunSpec, device: torch.devic
     return pipeline.Components(unet, vae, positive, negative)
 
 
+def memory_budget(args: argparse.Namespace, components: pipeline.Components, device: torch.device) -> int | None:
+    """Bytes the run may use for its ``auto`` sizes: ``--memory-budget``, else the device's free memory plus the
+    models' weights on it (measured before each video)."""
+    if args.memory_budget is not None:
+        return int(args.memory_budget * 2**30)
+    modules = [m for m in (components.model, getattr(components.vae, "model", None)) if isinstance(m, torch.nn.Module)]
+    return autosize.device_budget(device, modules)
+
+
 def run_upscale(args: argparse.Namespace) -> int:
     """Runs the ``upscale`` command; returns the process exit code."""
     if not args.inputs and not args.demo_tiny:
@@ -392,18 +417,21 @@ def run_upscale(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise InputError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        raise InputError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
     device = pick_device(args.device)
     components = load_components(args, spec, device)
     for src, dst in checked:
         progress = Progress(src.name, enabled=not args.quiet)
-        host = HostContext(device=device, progress=progress)
+        host = HostContext(device=device, progress=progress, memory_budget=memory_budget(args, components, device),
+                           log=lambda message: tqdm.write(message, file=sys.stderr))
         started = time.perf_counter()
         try:
             source = FileSource(src)
             audio = src if source.video.has_audio and not args.no_audio else None
             sink = VideoFileSink(dst, codec=args.codec, crf=args.crf, audio_from=audio)
             pipeline.run(source, sink, spec, components, host)
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, FileNotFoundError, NoPlanFits) as exc:
             failures += 1
             print(f"error: {src}: {exc}", file=sys.stderr)
             continue
