@@ -34,8 +34,8 @@ class STARTiledVAEDecode(io.ComfyNode):
         geometry = host.geometry_of(samples, "STAR Tiled VAE Decode samples")
         spec = options.decode_spec("STAR Tiled VAE Decode", tile=tile, tile_overlap=tile_overlap, temporal_window=temporal_window,
                                    temporal_overlap=temporal_overlap)
-        ctx = host.context()
+        video = host.video_vae(vae)
+        ctx = host.context(video.model)
         with ctx.scope():
-            windows = [w.cpu() for w in pipeline.decode(host.video_vae(vae), samples["samples"], geometry,
-                                                        spec.decode, host=ctx)]
+            windows = [w.cpu() for w in pipeline.decode(video, samples["samples"], geometry, spec.decode, host=ctx)]
         return io.NodeOutput(host.to_output(torch.cat(windows)))

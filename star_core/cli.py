@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import pipeline
+from . import autosize, pipeline
 from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .host import HostContext, ProgressEvent
 from .memory import NoPlanFits, free_cached_memory, is_out_of_memory
-from .options import SpecError
+from .options import AUTO, SpecError
 from .spec import DEFAULTS, RunSpec, default, option_info
 from .train.cli import add_train_parser, run_train
 from .video_io import CODECS, VIDEO_EXTENSIONS, FileSource, VideoFileSink, check_output, write_synthetic_clip
@@ -95,8 +95,19 @@ def _add_spec_option(group, flag: str, path: str) -> None:
         return
     kind = {"int": int, "float": float, "tuple": _pixel_pair}.get(getattr(info.kind, "__name__", ""), str)
     metavar = {int: "N", float: "X", _pixel_pair: "HxW"}.get(kind)
+    if info.auto:
+        kind, metavar = _or_auto(kind), f"{metavar}|auto"
     group.add_argument(flag, dest=dest, type=kind, default=default(path), help=info.help,
                        choices=info.choices, metavar=None if info.choices else metavar)
+
+
+def _or_auto(kind):
+    """An argparse type that also takes ``auto`` (the run sizes the option for its memory budget)."""
+    def parse(text: str):
+        return AUTO if text.lower() == AUTO else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -140,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                      help="UNet weight dtype; auto = fp16 on GPU (official), fp32 on CPU. VAE and text stay fp32")
+    run.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
+                     help="device memory the run may use, weights included, for the 'auto' sizes (chunk length, "
+                          "diffusion and VAE tiles, decode window); default: the device's free memory plus what "
+                          "the models occupy (the available RAM on CPU)")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads for torch (None: torch's choice; 1 helps on an overloaded machine)")
     run.add_argument("--codec", choices=tuple(CODECS), default="h264",
@@ -434,6 +449,15 @@ def open_inputs(pairs: list[tuple[Path, Path]], spec: RunSpec, codec: str,
     return opened, failures
 
 
+def memory_budget(args: argparse.Namespace, components: pipeline.Components, device: torch.device) -> int | None:
+    """Bytes the run may use for its ``auto`` sizes: ``--memory-budget``, else the device's free memory plus the
+    models' weights on it (measured before each video)."""
+    if args.memory_budget is not None:
+        return int(args.memory_budget * 2**30)
+    modules = [m for m in (components.model, getattr(components.vae, "model", None)) if isinstance(m, torch.nn.Module)]
+    return autosize.device_budget(device, modules)
+
+
 def run_upscale(args: argparse.Namespace) -> int:
     """Runs the ``upscale`` command; returns the process exit code."""
     if not args.inputs and not args.demo_tiny:
@@ -444,6 +468,8 @@ def run_upscale(args: argparse.Namespace) -> int:
         raise InputError(f"--{exc}") from None
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        raise InputError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
     pairs = plan_outputs(expand_inputs(args.inputs, _log), args.output, args.codec)
     todo = [(s, d) for s, d in pairs if not (args.skip_existing and d.exists())]
     for src, dst in pairs:
@@ -464,7 +490,8 @@ def run_upscale(args: argparse.Namespace) -> int:
         def log(message: str, name: str = src.name) -> None:
             _log(f"{name}: {message}")
 
-        host = HostContext(device=device, progress=progress, log=log)
+        host = HostContext(device=device, progress=progress, log=log,
+                           memory_budget=memory_budget(args, components, device))
         if dst.exists():
             log(f"{dst} exists: it is replaced once the new video is complete (--skip-existing keeps it)")
         started = time.perf_counter()

@@ -59,7 +59,10 @@ class HostContext:
             evaluation and every VAE tile.
         operations (`module`, *optional*): layer namespace the network is built with (e.g. ComfyUI's cast layers).
         attention (`Callable`, *optional*): attention implementation ``(q, k, v, heads) -> out`` for the run.
-        memory_budget (`int`, *optional*): bytes of device memory the run may use (None: unknown/unlimited).
+        memory_budget (`int`, *optional*): bytes of device memory the run may use, its models' weights included
+            (None: unknown; ``auto`` options then take their official values), see `star_core.autosize`.
+        resident (`bool`): the run's models stay on the device for the whole run (the CLI); False for a host that
+            loads each stage's model in turn (ComfyUI's model management).
         log (`Callable[[str], None]`): one-line messages for the user (default: the ``star_core`` logger).
         oom_errors (`tuple[type, ...]`): exception types that mean "out of memory" on this host.
     """
@@ -70,6 +73,7 @@ class HostContext:
     operations: ModuleType | None = None
     attention: AttentionFunction | None = None
     memory_budget: int | None = None
+    resident: bool = True
     log: Callable[[str], None] = LOG.info
     oom_errors: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
 

@@ -17,7 +17,7 @@ import torch
 
 from ..geometry import VAE_FACTOR
 from ..model.unet import latent_size_fits
-from ..options import Section, SpecError, option
+from ..options import AUTO, Section, SpecError, option
 from ..windows import BLENDS, Grid, WindowPlan, official_overlap, plan_windows
 from .chunking import DEFAULT_FUSION, FUSIONS, plan_chunks
 from .guidance import cfg_rescale
@@ -65,8 +65,9 @@ class SamplerSettings(Section):
     rescale: float = option(0.2, "CFG rescale strength (official 0.2).", minimum=0.0, maximum=1.0, step=0.01)
     t_max: int = option(T_MAX, "Start timestep (899 = all of STAR's 900 noise levels, official).",
                         minimum=1, maximum=999)
-    chunk_len: int = option(32, "Maximum latent frames per model call (official 32); lower needs less memory.",
-                            minimum=1, maximum=100_000)
+    chunk_len: int = option(32, "Maximum latent frames per model call (official 32); lower needs less memory. auto: "
+                            "32, or the longest that fits the memory budget.", minimum=1, maximum=100_000, kind=int,
+                            auto=True)
     overlap: int | None = option(None, "Frames shared by neighbouring chunks (automatic: chunk length // 4; the "
                                  "official fusion always uses half a chunk).", minimum=0, kind=int)
     fusion: str = option(DEFAULT_FUSION, "How overlapping chunks are joined: official hard cuts, or linear / hann "
@@ -76,14 +77,20 @@ class SamplerSettings(Section):
     tile: tuple[int, int] | None = option(
         None, "Diffusion tile (height, width) in pixels: every model call sees at most this much of the frame, "
         "rounded down to sizes the network accepts (STAR: heights 16 + 64k, widths 64k px). Unset: whole frames "
-        "(official). Smaller tiles need less memory; overlapping tiles are blended.", kind=tuple)
+        "(official). auto: whole frames when they fit the memory budget, else the largest tiles that do. Smaller "
+        "tiles need less memory; overlapping tiles are blended.", kind=tuple, auto=True)
     tile_overlap: int | None = option(None, "Pixels shared by neighbouring diffusion tiles (automatic: a quarter of "
                                       "the tile).", minimum=0, maximum=MAX_TILE, kind=int)
     tile_blend: str = option("linear", "How overlapping diffusion tiles are blended: linear or hann ramps (never "
                              "zero inside the frame).", choices=BLENDS)
 
+    @property
+    def has_auto(self) -> bool:
+        """Whether an option is still ``auto`` (to be chosen for a memory budget by :mod:`star_core.autosize`)."""
+        return AUTO in (self.chunk_len, self.tile)
+
     def check(self) -> None:
-        if self.tile is not None:
+        if self.tile is not None and self.tile != AUTO:
             if not isinstance(self.tile, tuple) or len(self.tile) != 2 or any(
                     not isinstance(v, int) or isinstance(v, bool) or not VAE_FACTOR <= v <= MAX_TILE
                     for v in self.tile):
@@ -92,6 +99,8 @@ class SamplerSettings(Section):
             if self.tile_overlap is not None and self.tile_overlap >= min(self.tile):
                 raise SpecError(self.path("tile_overlap"), f"({self.tile_overlap} px) must be smaller than the tile "
                                 f"({self.tile[0]}x{self.tile[1]} px)")
+        if self.chunk_len == AUTO:
+            return  # the overlap is checked against the chunk length chosen for the budget
         if self.overlap is not None and self.fusion != "official" and self.overlap >= self.chunk_len:
             raise SpecError(self.path("overlap"), f"({self.overlap}) must be smaller than the chunk length "
                             f"({self.chunk_len})")
@@ -184,6 +193,9 @@ def plan_evaluations(latent_shape: Sequence[int], settings: SamplerSettings, lev
         levels (`int`, *optional*): resolution levels of the network (:func:`network_levels`), whose size rule
             every tile obeys; None accepts every tile size (a model without size rules).
     """
+    if settings.has_auto:
+        raise ValueError("sampler settings with 'auto' options must be sized for a memory budget first "
+                         "(star_core.autosize.sampler_sizing, as star_core.pipeline.sample does)")
     frames, height, width = (int(n) for n in latent_shape[2:5])
     return Grid((plan_chunks(frames, settings.chunk_len, settings.overlap, settings.fusion),
                  plan_tile_axis(height, settings, levels, "h"), plan_tile_axis(width, settings, levels, "w")),
