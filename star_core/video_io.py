@@ -367,6 +367,7 @@ class VideoWriter:
             for key, value in (metadata or {}).items():
                 self._out.metadata[key] = value
             self._video = self._add_video_stream(codec, crf, Fraction(fps).limit_denominator(1_000_000))
+            self._last_dts: int | None = None
             if display_matrix is not None:
                 self._set_display_matrix(display_matrix)
             self._audio_in, self._audio_packets, self._audio_out, self._audio_encoder = None, None, None, None
@@ -455,6 +456,21 @@ class VideoWriter:
             raise ValueError(f"writing {self.path} failed ({exc}): check the free disk space and that the folder "
                              "is writable") from exc
 
+    def _mux_video(self, packets: list[av.Packet]) -> None:
+        """Muxes encoded video packets, repairing a decode timestamp the encoder left invalid: libx265 (FFmpeg 8)
+        sometimes gives the first packet of a 2-frame video an uninitialised dts (e.g. -9.6e15), which the MP4
+        muxer refuses. A dts that is missing, after its pts, not after the previous one, or more than a minute
+        before its pts becomes the pts (or the previous dts + 1); valid streams (B-frames included) are untouched."""
+        for packet in packets:
+            pts, dts = packet.pts, packet.dts
+            if pts is not None and packet.time_base is not None:
+                invalid = dts is None or dts > pts or (self._last_dts is not None and dts <= self._last_dts) \
+                    or float((pts - dts) * packet.time_base) > 60
+                if invalid:
+                    packet.dts = pts if self._last_dts is None or pts > self._last_dts else self._last_dts + 1
+            self._last_dts = packet.dts
+            self._out.mux(packet)
+
     def write(self, frames: np.ndarray) -> None:
         """Encode a window of uint8 RGB frames ``[T,H,W,3]`` of the writer's size."""
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (self.height, self.width, 3):
@@ -467,13 +483,13 @@ class VideoWriter:
                 frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
                 frame.pts = self.frames_written if self._times is None else self._times.pts[self.frames_written]
                 self.frames_written += 1
-                self._out.mux(self._video.encode(frame))
+                self._mux_video(self._video.encode(frame))
             self._mux_audio_until(self.seconds_written)
 
     def close(self) -> None:
         """Flush the encoders, finish the file and move it to its final name."""
         with self._writing():
-            self._out.mux(self._video.encode(None))
+            self._mux_video(self._video.encode(None))
             self._mux_audio_until(None)
             if self._audio_encoder is not None:
                 self._out.mux(self._audio_out.encode(None))
