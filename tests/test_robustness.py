@@ -534,10 +534,14 @@ def test_row10_nan_or_inf_in_node_inputs_is_an_error_before_sampling(nodes, load
     (["--diffusion-tile", "-64"], "--diffusion-tile must be two integers (height, width) in [8, 16384] pixels"),
     (["--diffusion-tile", "20000x64"], "--diffusion-tile must be two integers (height, width) in [8, 16384] pixels"),
     (["--diffusion-tile-overlap", "-1"], "--diffusion-tile-overlap must be in [0, 16384], got -1"),
-    (["--decode-tile", "0"], "--decode-tile must be in [8, 16384], got 0"),
-    (["--decode-tile", "-8"], "--decode-tile must be in [8, 16384], got -8"),
-    (["--chunk-len", "0"], "--chunk-len must be in [1, 100000], got 0"),
-    (["--decode-window", "0"], "--decode-window must be in [1, 256], got 0"),
+    (["--decode-tile", "0"], "--decode-tile must be in [8, 16384] or auto, got 0"),
+    (["--decode-tile", "-8"], "--decode-tile must be in [8, 16384] or auto, got -8"),
+    (["--chunk-len", "0"], "--chunk-len must be in [1, 100000] or auto, got 0"),
+    (["--decode-window", "0"], "--decode-window must be in [1, 256] or auto, got 0"),
+    (["--decode-window-overlap", "3"], "--decode-window-overlap (3) must be smaller than the decoder window (auto: "
+                                       "at most 3)"),
+    (["--memory-budget", "0"], "--memory-budget must be a positive number of GiB, got 0.0"),
+    (["--memory-budget", "nan"], "--memory-budget must be a positive number of GiB, got nan"),
     (["--scale", "0"], "--scale must be in [1, 8], got 0.0"),
     (["--scale", "-2"], "--scale must be in [1, 8], got -2.0"),
     (["--cfg", "nan"], "--cfg must be a finite number, got nan"),
@@ -594,7 +598,11 @@ def node_decode(nodes, parts, latent, **overrides):
     ("encode", dict(seed=2**64), "STAR LR Encode: seed must be in [0, 18446744073709551615]"),
     ("decode", dict(temporal_window=2, temporal_overlap=2),
      "STAR Tiled VAE Decode: temporal_overlap (2) must be smaller than the decoder window (2)"),
-    ("decode", dict(temporal_window=0), "STAR Tiled VAE Decode: temporal_window must be in [1, 256], got 0"),
+    ("decode", dict(temporal_window=257), "STAR Tiled VAE Decode: temporal_window must be in [1, 256] or auto, got 257"),
+    ("decode", dict(temporal_window=0, temporal_overlap=3),
+     "STAR Tiled VAE Decode: temporal_overlap (3) must be smaller than the decoder window (auto: at most 3)"),
+    ("sample", dict(diffusion_tile=4), "STAR Sampler: diffusion_tile must be two integers (height, width) in [8, "
+                                       "16384] pixels, got (4, 4)"),
 ])
 def test_row11_node_validation_names_the_input_and_range(nodes, loaded, lr_latent, node, inputs, message):
     run = {"sample": lambda: sample(nodes, loaded, lr_latent, **inputs),
@@ -753,9 +761,11 @@ def test_row13_disk_full_fails_that_video_without_a_file_and_the_batch_goes_on(d
                   "to allocate 26843545600 bytes."), "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
                                                     "can't allocate memory: you tried to allocate 26843545600 bytes."),
 ])
-def test_row14_out_of_memory_fails_that_video_with_advice_and_the_batch_goes_on(run_cli, tmp_path, error, said):
-    """A simulated out-of-memory error in the first video's first network call: that video fails with one line that
-    says what lowers the memory, leaves no file, and the next video of the batch runs."""
+def test_row14_out_of_memory_with_fixed_sizes_fails_that_video_with_advice_and_the_batch_goes_on(run_cli, tmp_path,
+                                                                                                error, said):
+    """Sizes set by the user (no 'auto': --chunk-len 4, --diffusion-tile off) are not changed behind their back: a
+    simulated out-of-memory error in the first video's first network call fails that video with one line that says
+    what lowers the memory, leaves no file, and the next video of the batch runs."""
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("a.mp4", "b.mp4"):
@@ -771,10 +781,10 @@ def test_row14_out_of_memory_fails_that_video_with_advice_and_the_batch_goes_on(
 
     handle = components.model.register_forward_pre_hook(out_of_memory_once)
     try:
-        code, err = run_cli(folder, "-o", tmp_path / "out")
+        code, err = run_cli(folder, "-o", tmp_path / "out", "--diffusion-tile", "off")
     finally:
         handle.remove()
-    assert code == cli.EXIT_FAILED and no_traceback(err), err
+    assert code == cli.EXIT_FAILED and no_traceback(err) and "retrying" not in err, err
     line = next(line for line in err.splitlines() if line.startswith("error: "))
     assert line.endswith(f"a.mp4: out of memory ({said}); lower the memory a step needs: --diffusion-tile 512 "
                          "(sampling), --decode-tile 512 --encode-tile 512, a shorter --chunk-len (e.g. 16), --dtype "
@@ -783,25 +793,74 @@ def test_row14_out_of_memory_fails_that_video_with_advice_and_the_batch_goes_on(
     assert "1 of 2 videos failed" in err
 
 
-def test_row14_no_plan_fits_is_said_once_with_the_smallest_plan(run_cli, tmp_path):
-    """When the retry gave up (`NoPlanFits`), its message (the smallest plan tried, what it needs) is the line."""
-    from star_core.memory import GIB, NoPlanFits, PlanSizes
+@pytest.mark.parametrize(("stage", "args"), [("sample", ["--chunk-len", "auto"]),  # FAST fixes 4; tiles are auto
+                                             ("decode", []), ("encode", [])])
+def test_row14_out_of_memory_is_retried_with_smaller_windows_and_said_once(run_cli, tmp_path, monkeypatch, stage,
+                                                                           args):
+    """A simulated out-of-memory error in the first network call / VAE call of a stage whose sizes are auto: the
+    evaluation is repeated with smaller windows, one log line says so, and the video is complete. Exact VAE tiles
+    give the frames of the run that did not run out of memory (to a rounding step)."""
+    clip = write_synthetic_clip(tmp_path / "a.mp4", frames=2, width=256, height=192)
+    assert run_cli(clip, "-o", tmp_path / "reference.mkv", "--codec", "ffv1", *args)[0] == 0
+    components = next(iter(run_cli.loaded.values()))
+    faults = []
 
+    def out_of_memory_once(*_, **__):
+        if not faults:
+            faults.append(stage)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    if stage == "sample":
+        handle = components.model.register_forward_pre_hook(out_of_memory_once)
+    else:
+        real = getattr(components.vae, stage)
+
+        def fails_once(*a, **k):
+            out_of_memory_once()
+            return real(*a, **k)
+
+        monkeypatch.setattr(components.vae, stage, fails_once)
+        handle = None
+    try:
+        code, err = run_cli(clip, "-o", tmp_path / "o.mkv", "--codec", "ffv1", *args)
+    finally:
+        if handle is not None:
+            handle.remove()
+        monkeypatch.undo()
+    assert code == 0 and faults == [stage] and no_traceback(err), err
+    said = [line for line in err.splitlines() if "out of memory" in line]
+    assert len(said) == 1 and said[0].startswith(f"a.mp4: out of memory during {stage} with "), err
+    assert re.search(r"; retrying with .*tile", said[0]), said  # smaller windows: tiles
+    out, reference = decoded(tmp_path / "o.mkv"), decoded(tmp_path / "reference.mkv")
+    assert out.shape == (2, 384, 512, 3)
+    if stage != "sample":  # diffusion tiles change the result a little; exact VAE tiles do not
+        assert np.abs(out.astype(int) - reference).max() <= 1
+
+
+def test_row14_out_of_memory_at_the_smallest_plan_says_what_it_needs(run_cli, tmp_path):
+    """Auto sizes, but every network call runs out of memory: the retries go down to the smallest plan, then the
+    video fails with one line naming that plan and what it needs (after the one retry line); no file, no traceback."""
     clip = write_synthetic_clip(tmp_path / "a.mp4", frames=2, width=16, height=16)
     run_cli(clip, "-o", tmp_path / "warm.mp4")
-    smallest = PlanSizes(frames=2, latent_h=4, latent_w=4, chunk_len=1, tile=(2, 4))
+    calls = []
 
-    def no_plan_fits(*_):
-        raise NoPlanFits(None, smallest, 3 * GIB, "sample") from torch.OutOfMemoryError("CUDA out of memory.")
+    def always_out_of_memory(*_):
+        calls.append(1)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    handle = next(iter(run_cli.loaded.values())).model.register_forward_pre_hook(no_plan_fits)
+    handle = next(iter(run_cli.loaded.values())).model.register_forward_pre_hook(always_out_of_memory)
     try:
-        code, err = run_cli(clip, "-o", tmp_path / "o.mp4")
+        code, err = run_cli(clip, "-o", tmp_path / "o.mp4", "--chunk-len", "auto", "--diffusion-tile", "auto")
     finally:
         handle.remove()
     assert code == cli.EXIT_FAILED and no_traceback(err) and not (tmp_path / "o.mp4").exists(), err
-    assert (f"error: {clip}: out of memory (sampling) even with the smallest plan (chunk 1, tile 2x4 latent) needs "
-            "3.00 GiB; free memory or lower the output size\n") in err, err
+    lines = err.strip().splitlines()
+    assert len(calls) > 1 and len(lines) == 3, err  # tried again with smaller windows before giving up
+    assert re.fullmatch(r"a\.mp4: out of memory during sample with chunk 2, untiled; retrying with chunk 1, untiled",
+                        lines[0]), err
+    assert re.fullmatch(rf"error: {re.escape(str(clip))}: out of memory \(sampling\) even with the smallest plan "
+                        r"\(chunk 1, untiled\) needs \d+\.\d MiB; free memory or lower the output size", lines[1]), err
+    assert lines[2] == "1 of 1 videos failed (see the errors above)"
 
 
 def test_row14_other_runtime_errors_are_not_taken_for_out_of_memory(run_cli, tmp_path):
