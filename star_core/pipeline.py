@@ -14,10 +14,16 @@ clip. The CLI, the ComfyUI nodes, the tests and the benchmarks all call it, or t
 
 Progress and interruption go through the host: ``host.check_interrupt()`` runs before every model evaluation and
 every VAE tile, and progress arrives as :class:`~star_core.host.ProgressEvent`.
+
+Several processes (``torchrun``) share a run when ``host.distributed`` holds their
+:class:`~star_core.distributed.Distributed`: the encoder's frame windows, the sampler's windows at every
+evaluation and the decoder's windows are divided among the ranks (every rank calls the same functions with the
+same arguments), the result is bit-identical to one process, and only rank 0 re-reads the source and writes to the
+sink.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -102,7 +108,12 @@ def prepare_windows(windows: Iterable[torch.Tensor], geometry: Geometry) -> Iter
         `torch.Tensor`: [t,3,H_pad,W_pad] in [-1, 1], upscaled and padded.
     """
     for window in windows:
-        yield upscale_and_pad(frames_to_pixels(window), geometry)
+        yield prepare_window(window, geometry)
+
+
+def prepare_window(frames: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """One LR window [t,H,W,3] in 0..1 → [t,3,H_pad,W_pad] in [-1, 1], upscaled and padded for the encoder."""
+    return upscale_and_pad(frames_to_pixels(frames), geometry)
 
 
 def prepare_lr(
@@ -180,9 +191,14 @@ def encode_lr(
     sample: bool = True,
     tiles: SpatialTiling | None = None,
     host: HostContext | None = None,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
     Encodes the prepared LR video to the scaled latent [1,4,F,h,w] (the ControlNet hint and the start point).
+
+    With several ranks (``host.distributed``), window ``k`` is encoded by rank ``k mod world`` and every rank gets
+    the whole latent; every rank draws every frame's posterior noise in frame order, so the latent is the one
+    process's, bit for bit.
 
     Parameters:
         vae (`star_core.vae.VideoVAE`): the video VAE.
@@ -193,11 +209,14 @@ def encode_lr(
         sample (`bool`): posterior sample (official) or the posterior mean.
         tiles (`SpatialTiling`, *optional*): spatial tiling of the encoder, in pixels.
         host (`HostContext`, *optional*): progress (stage ``"encode"``, VAE tiles) and interrupt per tile.
+        prepare (`Callable`, *optional*): turns each window into encoder input first (e.g. :func:`prepare_window`
+            on raw source windows); only the windows this rank encodes are prepared.
 
     Returns:
         `torch.Tensor`: float32 latent [1,4,F,h,w] on the VAE's device.
     """
     host = _host(host)
+    work = host.shared
     if sample and noise is None:
         raise ValueError("encode_lr: sample=True needs a RunNoise (seed or injected posterior_eps); "
                          "pass noise= or sample=False for the posterior mean")
@@ -206,22 +225,30 @@ def encode_lr(
     latent_h, latent_w = geometry.latent_size
     device, dtype = _vae_place(vae)
     channels = getattr(vae, "latent_channels", 4)
-    parts, done = [], 0
-    for window in pixels:
-        if tuple(window.shape[1:]) != (3, *geometry.padded_size):
-            raise ValueError(f"encode_lr: window of shape {tuple(window.shape)} is not [t,3,{geometry.padded_size[0]},"
-                             f"{geometry.padded_size[1]}]; prepare the frames with prepare_lr/prepare_windows")
+    parts, shapes, done = {}, [], 0
+    for index, window in enumerate(pixels):
         count = window.shape[0]
         if done + count > geometry.frames:
             raise ValueError(f"encode_lr: more frames than the geometry's {geometry.frames}")
         eps = noise.posterior_eps_window(done, count, (channels, latent_h, latent_w), device) if sample else None
-        part = vae.encode(window.to(device, dtype), eps, sample=sample, tiling=tiles,
-                          callback=host.tile_callback("encode", done, count, geometry.frames))
-        parts.append(part.to(torch.float32))
+        shapes.append((1, channels, count, latent_h, latent_w))
+        if work is None or work.owner(index) == work.rank:
+            window = window if prepare is None else prepare(window)
+            if tuple(window.shape[1:]) != (3, *geometry.padded_size):
+                raise ValueError(f"encode_lr: window of shape {tuple(window.shape)} is not [t,3,"
+                                 f"{geometry.padded_size[0]},{geometry.padded_size[1]}]; prepare the frames with "
+                                 "prepare_lr/prepare_windows")
+            part = vae.encode(window.to(device, dtype), eps, sample=sample, tiling=tiles,
+                              callback=host.tile_callback("encode", done, count, geometry.frames))
+            parts[index] = part.to(torch.float32)
         done += count
     if done != geometry.frames:
         raise ValueError(f"encode_lr: got {done} frames, the geometry says {geometry.frames}")
-    latent = torch.cat(parts, dim=2)
+    if work is None:
+        ordered = [parts[index] for index in range(len(shapes))]
+    else:
+        ordered = work.exchange(parts, shapes, stage="encode", what="the LR latent's encode", device=device)
+    latent = torch.cat(ordered, dim=2)
     geometry.check_latent(latent)
     return latent
 
@@ -243,9 +270,9 @@ def encode_source(source: FrameSource, geometry: Geometry, vae, spec: RunSpec | 
         seed, spec = spec.seed, spec.encode
     sample_posterior = spec.posterior == "sample"
     noise = RunNoise(seed) if sample_posterior else None
-    windows = prepare_windows(source.windows(encode_window(geometry)), geometry)
-    return encode_lr(vae, windows, geometry, noise, sample=sample_posterior,
-                     tiles=tiling(spec.tile, spec.tile_overlap), host=host)
+    return encode_lr(vae, source.windows(encode_window(geometry)), geometry, noise, sample=sample_posterior,
+                     tiles=tiling(spec.tile, spec.tile_overlap), host=host,
+                     prepare=lambda window: prepare_window(window, geometry))
 
 
 def model_function(model: torch.nn.Module) -> ModelFn:
@@ -320,7 +347,8 @@ def sample(
 
     return sample_star(model_fn, latent, positive.to(latent.device, torch.float32),
                        negative.to(latent.device, torch.float32), settings, start_noise=start_noise,
-                       brownian=brownian, callback=on_step, on_evaluation=on_evaluation, grid=grid)
+                       brownian=brownian, callback=on_step, on_evaluation=on_evaluation, grid=grid,
+                       work=host.shared)
 
 
 def model_evaluations(settings: SamplerSettings, latent_shape: tuple[int, ...]) -> int:
@@ -346,6 +374,9 @@ def decode_pixels(vae, latent: torch.Tensor, geometry: Geometry, options: Decode
     arrive) and crops each to the target size: yields [t,3,H,W] in (about) [-1, 1], not clamped (the official
     `test()` return value, window by window). A frame leaves as soon as every window covering it is decoded.
 
+    With several ranks (``host.distributed``), window ``k`` is decoded (and cropped) by rank ``k mod world`` and
+    the windows reach rank 0 a round (one per rank) at a time; rank 0 yields the frames, the other ranks nothing.
+
     Parameters:
         vae (`star_core.vae.VideoVAE`): the video VAE.
         latent (`torch.Tensor`): [1,4,F,h,w] matching `geometry`.
@@ -359,14 +390,26 @@ def decode_pixels(vae, latent: torch.Tensor, geometry: Geometry, options: Decode
     tiles = tiling(options.tile, options.tile_overlap)
     device, dtype = _vae_place(vae)
 
-    def decoded() -> Iterator[torch.Tensor]:
-        for index, (start, stop) in enumerate(windows.spans):
-            chunk = latent[:, :, start:stop].to(device, dtype)
-            progress = host.tile_callback("decode", index, 1, len(windows))
-            yield vae.decode(chunk, stop - start, 0, tiling=tiles, callback=progress).to(torch.float32)
+    def decoded(index: int) -> torch.Tensor:
+        start, stop = windows.spans[index]
+        chunk = latent[:, :, start:stop].to(device, dtype)
+        progress = host.tile_callback("decode", index, 1, len(windows))
+        return vae.decode(chunk, stop - start, 0, tiling=tiles, callback=progress).to(torch.float32)
 
-    for window in windows.blend_stream(decoded()):
-        yield geometry.crop(window)
+    work = host.shared
+    if work is None:
+        for window in windows.blend_stream(decoded(index) for index in range(len(windows))):
+            yield geometry.crop(window)
+        return
+    # cropping before the blend gives the same values (both act per pixel) and sends fewer bytes
+    outputs = work.stream(len(windows), lambda index: geometry.crop(decoded(index)),
+                          lambda index: (windows.spans[index][1] - windows.spans[index][0], 3, *geometry.target_size),
+                          stage="decode", what="decode window", device=device)
+    if work.is_main:
+        yield from windows.blend_stream(outputs)
+    else:
+        for _ in outputs:  # this rank's windows go to rank 0
+            pass
 
 
 def decode(vae, latent: torch.Tensor, geometry: Geometry, options: DecodeSpec = DecodeSpec(), *,
@@ -422,8 +465,14 @@ def decode_to_sink(vae, latent: torch.Tensor, geometry: Geometry, source: FrameS
         source (`FrameSource`): the LR video the latent came from.
         sink (`FrameSink`): where the frames go.
         spec (`RunSpec`): decode and colour options.
-        host (`HostContext`, *optional*): progress and interrupt.
+        host (`HostContext`, *optional*): progress and interrupt; with several ranks only rank 0 reads the source
+            again and writes to the sink, the others decode their share of the windows.
     """
+    host = _host(host)
+    if host.shared is not None and not host.shared.is_main:
+        for _ in decode(vae, latent, geometry, spec.decode, host=host):
+            pass
+        return
     lr_frames = _Frames(source)
     sink.begin(geometry, source.info.fps)
     try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from .guidance import cfg_rescale
 from .noise import BrownianTreeNoiseSampler, InjectedNoiseSampler
 from .sampler import StepCallback, sample_dpmpp_2m_sde
 from .schedule import MODES, T_MAX, alphas_vp, c_in, diffuse, discretized_timesteps, k_sigmas, model_timestep, sigmas_vp
+
+if TYPE_CHECKING:
+    from ..distributed import Distributed
 
 # model_fn(x [B,4,f,h,w], t LongTensor [B], context [B,77,1024], hint [B,4,f,h,w]) -> v-prediction [B,4,f,h,w]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -105,11 +109,14 @@ class StarDenoiser:
         on_evaluation (`Callable`, *optional*): ``on_evaluation(done, total)`` before every network call, with
             ``total`` = calls per denoiser evaluation × ``evaluations``; raising stops the run.
         evaluations (`int`): denoiser evaluations the run will make (for ``total``).
+        work (`Distributed`, *optional*): several ranks share every evaluation (see :meth:`_shared`); ``total``
+            then counts this rank's calls.
     """
 
     def __init__(self, model_fn: ModelFn, hint: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                  grid: Grid, cfg: float, rescale: float, batch_cfg: bool = False, *,
-                 on_evaluation: EvaluationCallback | None = None, evaluations: int = 1) -> None:
+                 on_evaluation: EvaluationCallback | None = None, evaluations: int = 1,
+                 work: Distributed | None = None) -> None:
         self.model_fn = model_fn
         self.hint = hint
         self.positive = positive
@@ -121,6 +128,14 @@ class StarDenoiser:
         self.on_evaluation = on_evaluation
         self.calls = 0
         self.total_calls = evaluations * len(grid) * model_passes(cfg, batch_cfg)
+        self.work = work if work is not None and work.active else None
+        self.evaluations = 0
+        if self.work is not None:
+            passes = model_passes(cfg, batch_cfg)
+            # work items: windows (x0 exchanged), or (window, CFG pass) pairs (v exchanged) when that balances better
+            self.item_passes = passes if self.work.split_passes(len(grid), passes) else 1
+            items = len(self.work.mine(len(grid) * self.item_passes))
+            self.total_calls = evaluations * items * (1 if self.item_passes > 1 else passes)
         self._sigmas_vp = sigmas_vp().to(hint.device)
         self._alphas_vp = alphas_vp().to(hint.device)
 
@@ -148,6 +163,9 @@ class StarDenoiser:
         t = model_timestep(sigma, len(xt)).to(x.device)
         shape = (-1,) + (1,) * (xt.ndim - 1)
         alpha_t, sigma_t = self._alphas_vp[t].view(shape), self._sigmas_vp[t].view(shape)
+        self.evaluations += 1
+        if self.work is not None:
+            return self._shared(xt, t, alpha_t, sigma_t)
         if self.grid.is_single():
             return alpha_t * xt - sigma_t * self._v(xt, t, self.hint)
         acc = torch.zeros_like(xt)
@@ -156,6 +174,39 @@ class StarDenoiser:
             v = self._v(xt_window, t, self.grid.slice(self.hint, index).contiguous())
             self.grid.accumulate(acc, index, alpha_t * xt_window - sigma_t * v)
             del v  # free this window's prediction before the next window's forward
+        return self.grid.normalize(acc)
+
+    def _shared(self, xt: torch.Tensor, t: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
+        """One evaluation shared by the ranks: each computes its work items (item ``k`` on rank ``k mod world``),
+        every rank receives every item and fuses them in grid order with the operations of :meth:`__call__`, so
+        the x0 (and the latent) is bit-identical on every rank and to one process. Exchanged per evaluation: the
+        x0 of every window (the CFG passes' two v when they are shared out separately)."""
+        windows = list(self.grid.indices())
+        passes = self.item_passes
+        contexts = (self.positive, self.negative)
+        outputs = {}
+        for item in self.work.mine(len(windows) * passes):
+            index = windows[item // passes]
+            xt_window = self.grid.slice(xt, index).contiguous()
+            hint = self.grid.slice(self.hint, index).contiguous()
+            if passes == 1:
+                outputs[item] = alpha_t * xt_window - sigma_t * self._v(xt_window, t, hint)
+            else:
+                outputs[item] = self._call(xt_window, t, contexts[item % passes], hint)
+            del xt_window, hint
+        shapes = [tuple(self.grid.slice(xt, windows[item // passes]).shape) for item in range(len(windows) * passes)]
+        items = self.work.exchange(outputs, shapes, stage="sample", what=f"sampler evaluation {self.evaluations}",
+                                   dtype=xt.dtype, device=xt.device)
+        del outputs
+        predictions = items if passes == 1 else [
+            alpha_t * self.grid.slice(xt, index) - sigma_t * cfg_rescale(items[2 * w], items[2 * w + 1], self.cfg,
+                                                                          self.rescale)
+            for w, index in enumerate(windows)]
+        if self.grid.is_single():
+            return predictions[0]
+        acc = torch.zeros_like(xt)
+        for index, x0 in zip(windows, predictions):
+            self.grid.accumulate(acc, index, x0)
         return self.grid.normalize(acc)
 
 
@@ -182,6 +233,7 @@ def sample_star(
     callback: StepCallback | None = None,
     on_evaluation: EvaluationCallback | None = None,
     grid: Grid | None = None,
+    work: Distributed | None = None,
 ) -> torch.Tensor:
     """STAR's ``sample_sr``: noise the LR latent to ``t_max``, then DPM++(2M) SDE with CFG + rescale and chunking.
 
@@ -198,6 +250,8 @@ def sample_star(
         on_evaluation (`Callable`, *optional*): ``on_evaluation(done, total)`` before every network call; raise to
             stop (the run then stops within one network call).
         grid (`Grid`, *optional*): the windows of one evaluation (default :func:`plan_evaluations`).
+        work (`Distributed`, *optional*): ranks that share every evaluation; every rank must call this with the same
+            inputs, and every rank returns the same latent, bit-identical to one process.
 
     Returns:
         `torch.Tensor`: the sampled latent ``[1,4,F,h,w]``.
@@ -219,5 +273,6 @@ def sample_star(
         noise_sampler = InjectedNoiseSampler(brownian)
     grid = plan_evaluations(lr_latent.shape, settings) if grid is None else grid
     denoiser = StarDenoiser(model_fn, lr_latent, positive, negative, grid, settings.cfg, settings.rescale,
-                            settings.batch_cfg, on_evaluation=on_evaluation, evaluations=len(sigmas) - 1)
+                            settings.batch_cfg, on_evaluation=on_evaluation, evaluations=len(sigmas) - 1,
+                            work=work)
     return sample_dpmpp_2m_sde(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback)

@@ -1,0 +1,69 @@
+"""Tiny distributed runs for tests/test_distributed.py: ``torchrun --nproc-per-node N tests/distributed_worker.py OUT``
+(or plain ``python tests/distributed_worker.py OUT`` for the one-process reference). Rank 0 saves to ``OUT``:
+
+* ``frames``: :func:`star_core.pipeline.run` on a 9-frame clip (3 sampler chunks, blended decode windows and
+  VAE tiles) into a TensorSink;
+* ``grid``: the sampled latent of :func:`sample_star` over chunks × rows × columns (a 3-axis grid);
+* ``single``: the sampled latent with one window (the CFG passes are what the ranks share then);
+* ``traffic``/``sent``: bytes received/sent by rank 0 per stage, and ``steps``.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from star_core.checkpoint import load_star_model
+from star_core.diffusion.star_sampling import SamplerSettings, sample_star
+from star_core.distributed import Distributed
+from star_core.frames import TensorSink, TensorSource
+from star_core.host import HostContext
+from star_core.pipeline import Components, model_function, run
+from star_core.spec import DEFAULTS
+from star_core.vae import load_svd_vae
+from star_core.windows import Grid, plan_windows
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "star_tiny"
+OPTIONS = {"output.scale": 2.0, "output.padding": "minimal", "sampler.mode": "normal", "sampler.steps": 2,
+           "sampler.chunk_len": 4, "sampler.overlap": 1, "sampler.fusion": "hann", "decode.window": 2,
+           "decode.window_overlap": 1, "decode.tile": 32, "decode.tile_overlap": 16, "encode.tile": 32,
+           "encode.tile_overlap": 16, "seed": 11}
+
+
+def components() -> Components:
+    model = load_star_model(FIXTURES / "tiny_state_dict.safetensors", dtype=torch.float32)
+    vae = load_svd_vae(FIXTURES / "vae_tiny.safetensors", config=FIXTURES / "vae_tiny_config.json")
+    g = torch.Generator().manual_seed(0)
+    width = model.config.context_dim
+    return Components(model, vae, torch.randn(1, 77, width, generator=g), torch.randn(1, 77, width, generator=g))
+
+
+def sample_grid(parts: Components, work: Distributed, grid: Grid | None, shape: tuple[int, ...]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    latent, start = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    settings = SamplerSettings(mode="normal", steps=2, chunk_len=shape[2])
+    return sample_star(model_function(parts.model), latent, parts.positive, parts.negative, settings,
+                       start_noise=start, brownian=123, grid=grid, work=work)
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    work = Distributed.from_env("cpu", timeout=120)
+    with work.guard():
+        parts = components()
+        frames = torch.rand(9, 10, 14, 3, generator=torch.Generator().manual_seed(1))
+        sink = TensorSink()
+        run(TensorSource(frames), sink, DEFAULTS.with_options(OPTIONS), parts, HostContext(distributed=work))
+        shape = (1, 4, 5, 10, 8)
+        grid = Grid((plan_windows(5, 3, 1, "hann"), plan_windows(10, 6, 2, "linear"), plan_windows(8, 4, 2, "linear")),
+                    (2, 3, 4))
+        tiled = sample_grid(parts, work, grid, shape)
+        single = sample_grid(parts, work, None, shape)
+        if work.is_main:
+            torch.save({"frames": sink.frames, "grid": tiled, "single": single, "traffic": work.traffic,
+                        "sent": work.sent, "world": work.world_size}, out)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
