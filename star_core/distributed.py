@@ -28,6 +28,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -317,7 +318,7 @@ class Distributed:
             mine = first + self.rank
             outputs = {self.rank: compute(mine)} if mine < last else {}
             received = self.exchange(outputs, [shape(k) for k in range(first, last)], stage=stage,
-                                     what=f"{what} {first + 1}-{last} of {count}", to=to, dtype=dtype, device=device)
+                                     what=f"{what} {first + 1}{'' if last == first + 1 else f'-{last}'} of {count}", to=to, dtype=dtype, device=device)
             del outputs
             if received is not None:
                 yield from received
@@ -332,6 +333,35 @@ class Distributed:
         self._mark(what)
         dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
         return box[0]
+
+    def finish(self, failures: int) -> int:
+        """
+        Waits until every rank has finished its own work (however long that takes: a rank that fails or dies
+        meanwhile still ends the run) and returns the failures of all ranks together, so that every rank exits with
+        the same status and none is stopped by the launcher while another still works.
+
+        Parameters:
+            failures (`int`): this rank's failed items (e.g. videos that could not be read).
+        """
+        if self._watch is None:
+            return failures
+        store = self._watch.store
+        store.add("finish/failures", failures)
+        store.add("finish/ranks", 1)
+        self._mark("the end of the batch")
+        while store.add("finish/ranks", 0) < self.world_size:
+            try:
+                failed = self._watch.posted_failures()
+                silent = self._watch.silent_ranks(DEAD_AFTER_S)
+            except DistributedError:
+                raise
+            except Exception as exc:
+                raise DistributedError(self._prefix("the end of the batch") + self._store_gone(exc)) from None
+            if failed or silent:
+                problem = "; ".join(failed) if failed else self._silent(silent, DEAD_AFTER_S)
+                raise DistributedError(self._prefix("the end of the batch") + problem)
+            time.sleep(CHECK_S)
+        return int(store.add("finish/failures", 0))
 
     # --------------------------------------------------------------------------------------------- faults
 
@@ -352,6 +382,8 @@ class Distributed:
                 try:
                     failed = self._watch.posted_failures()
                     silent = self._watch.silent_ranks(DEAD_AFTER_S)
+                except DistributedError:  # SIGTERM arrived meanwhile
+                    raise
                 except Exception as exc:  # the store went away with its host
                     raise DistributedError(self._prefix(what) + self._store_gone(exc)) from None
                 if failed:
@@ -398,6 +430,8 @@ class Distributed:
                     break
                 time.sleep(0.25)
             late = self._watch.behind(self._collectives)
+        except DistributedError:
+            raise
         except Exception as exc:
             return self._store_gone(exc)
         if late:
@@ -447,3 +481,41 @@ class Distributed:
             signal.signal(signal.SIGTERM, previous)
             if self._watch is not None:
                 self._watch.close()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """
+    How a batch of videos is spread over the ranks.
+
+    Parameters:
+        shared (`tuple[int, ...]`): videos every rank works on together (chunk-parallel), in input order.
+        own (`tuple[tuple[int, ...], ...]`): per rank, the whole videos it processes alone, in input order.
+    """
+
+    shared: tuple[int, ...]
+    own: tuple[tuple[int, ...], ...]
+
+
+def plan_batch(costs: Sequence[float], world_size: int) -> BatchPlan:
+    """
+    Spreads videos over ``world_size`` ranks without further communication: whole videos (largest first, each to
+    the least loaded rank) for all but the ``len(costs) mod world_size`` largest, which the ranks share — so every
+    video is processed exactly once and every rank is busy. One rank: everything is its own.
+
+    Parameters:
+        costs (`Sequence[float]`): work per video (e.g. frames × pixels), in input order.
+        world_size (`int`): number of ranks.
+    """
+    count = len(costs)
+    if world_size == 1:
+        return BatchPlan((), (tuple(range(count)),))
+    by_size = sorted(range(count), key=lambda i: (-costs[i], i))
+    shared = by_size[:count % world_size]
+    loads = [0.0] * world_size
+    own: list[list[int]] = [[] for _ in range(world_size)]
+    for video in by_size[count % world_size:]:
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        own[rank].append(video)
+        loads[rank] += costs[video]
+    return BatchPlan(tuple(sorted(shared)), tuple(tuple(sorted(videos)) for videos in own))
