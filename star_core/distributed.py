@@ -106,6 +106,11 @@ class _Watch:
         return [f"rank {r} failed: {self.store.get(f'failed/{r}').decode()}" for r in self.others()
                 if self._has(f"failed/{r}")]
 
+    def stopped(self) -> list[str]:
+        """``"rank R stopped: reason"`` for every other rank that stopped because of another one."""
+        return [f"rank {r} stopped: {self.store.get(f'stopped/{r}').decode()}" for r in self.others()
+                if self._has(f"stopped/{r}")]
+
     def silent_ranks(self, after: float) -> list[int]:
         """Other ranks whose heartbeat has not moved for ``after`` seconds of watching (and that posted nothing)."""
         now, silent = time.monotonic(), []
@@ -144,6 +149,8 @@ class Distributed:
         traffic (`dict[str, int]`): bytes this rank received from the others per stage (``"sample"``,
             ``"encode"``, ``"decode"``), padding included.
         sent (`dict[str, int]`): bytes this rank contributed per stage.
+        waited (`dict[str, float]`): seconds this rank spent in collectives per stage (the transfer, and waiting
+            for slower ranks).
     """
 
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, *,
@@ -156,6 +163,7 @@ class Distributed:
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.traffic: dict[str, int] = {}
         self.sent: dict[str, int] = {}
+        self.waited: dict[str, float] = {}
         self._collectives = 0
         self._watch: _Watch | None = None
 
@@ -239,16 +247,18 @@ class Distributed:
         by_pass = -(-(windows * passes) // self.world_size)
         return by_pass < by_window
 
-    def exchange(self, outputs: Mapping[int, torch.Tensor], shapes: Sequence[Sequence[int]], *, stage: str,
-                 what: str, to: int | None = None, dtype: torch.dtype = torch.float32,
+    def exchange(self, outputs: Mapping[int, torch.Tensor], shapes: Sequence[Sequence[int]],
+                 owners: Sequence[int] | None = None, *, stage: str, what: str, to: int | None = None,
+                 dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None) -> list[torch.Tensor] | None:
         """
         Every item's tensor from the rank that owns it: ``to=None`` gives all of them to every rank (all-gather),
         ``to=r`` only to rank ``r`` (the others get None).
 
         Parameters:
-            outputs (`Mapping[int, torch.Tensor]`): this rank's items (exactly :meth:`mine` of ``len(shapes)``).
+            outputs (`Mapping[int, torch.Tensor]`): this rank's items (exactly those ``owners`` gives it).
             shapes (`Sequence[Sequence[int]]`): every item's shape (all ranks know them from the plan).
+            owners (`Sequence[int]`, *optional*): the rank of every item (default :meth:`owner`, round robin).
             stage (`str`): the traffic counter to add to.
             what (`str`): what is exchanged, for error messages (e.g. ``"sampler evaluation 3"``).
             to (`int`, *optional*): the only receiving rank.
@@ -261,29 +271,32 @@ class Distributed:
         """
         count = len(shapes)
         device = self.device if device is None else torch.device(device)
-        if sorted(outputs) != list(self.mine(count)):
-            raise ValueError(f"exchange: rank {self.rank} must give items {list(self.mine(count))}, "
-                             f"got {sorted(outputs)}")
+        owners = [self.owner(k) for k in range(count)] if owners is None else list(owners)
+        held = [[k for k in range(count) if owners[k] == r] for r in range(self.world_size)]
+        if sorted(outputs) != held[self.rank]:
+            raise ValueError(f"exchange: rank {self.rank} must give items {held[self.rank]}, got {sorted(outputs)}")
         if not self.active:
             return [outputs[k].to(device) for k in range(count)]
         import torch.distributed as dist
 
         sizes = [math.prod(shape) for shape in shapes]
-        shares = [sum(sizes[k] for k in range(r, count, self.world_size)) for r in range(self.world_size)]
+        shares = [sum(sizes[k] for k in items) for items in held]
         width = max(1, max(shares))
         carrier = self.device if self.backend == "nccl" else torch.device("cpu")
         buffer = torch.zeros(width, dtype=dtype, device=carrier)
         if shares[self.rank]:
             buffer[:shares[self.rank]] = torch.cat([outputs[k].reshape(-1).to(carrier, dtype)
-                                                    for k in self.mine(count)])
+                                                    for k in held[self.rank]])
         receiving = to is None or to == self.rank
         parts = [torch.empty_like(buffer) for _ in range(self.world_size)] if receiving else None
         self._mark(what)
+        started = time.perf_counter()
         if to is None:
             work = dist.all_gather(parts, buffer, async_op=True)
         else:
             work = dist.gather(buffer, parts, dst=to, async_op=True)
         self._wait(work, what)
+        self.waited[stage] = self.waited.get(stage, 0.0) + time.perf_counter() - started
         element = buffer.element_size()
         self.sent[stage] = self.sent.get(stage, 0) + (width * element if to != self.rank else 0)
         if not receiving:
@@ -292,7 +305,7 @@ class Distributed:
         result: list[torch.Tensor | None] = [None] * count
         for r, part in enumerate(parts):
             offset = 0
-            for k in range(r, count, self.world_size):
+            for k in held[r]:
                 result[k] = outputs[k].to(device) if r == self.rank else \
                     part[offset:offset + sizes[k]].view(*shapes[k]).to(device)
                 offset += sizes[k]
@@ -430,6 +443,7 @@ class Distributed:
                     break
                 time.sleep(0.25)
             late = self._watch.behind(self._collectives)
+            stopped = self._watch.stopped()
         except DistributedError:
             raise
         except Exception as exc:
@@ -437,6 +451,8 @@ class Distributed:
         if late:
             where = ", ".join(f"rank {r} (still at {at})" for r, at in late)
             return f"{where} did not get there within {self.timeout:.0f} s: it hangs"
+        if stopped:
+            return "; ".join(stopped)
         if hung:
             return f"the collective did not complete within {self.timeout:.0f} s"
         detail = f" ({str(cause).splitlines()[0][:200]})" if cause is not None else ""

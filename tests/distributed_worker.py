@@ -5,6 +5,7 @@
   VAE tiles) into a TensorSink;
 * ``grid``: the sampled latent of :func:`sample_star` over chunks × rows × columns (a 3-axis grid);
 * ``single``: the sampled latent with one window (the CFG passes are what the ranks share then);
+* ``batched``, ``unguided``: the 3-axis grid with both CFG passes in one call, and without CFG;
 * ``traffic``/``sent``: bytes received/sent by rank 0 per stage, and ``steps``.
 """
 from __future__ import annotations
@@ -39,10 +40,11 @@ def components() -> Components:
     return Components(model, vae, torch.randn(1, 77, width, generator=g), torch.randn(1, 77, width, generator=g))
 
 
-def sample_grid(parts: Components, work: Distributed, grid: Grid | None, shape: tuple[int, ...]) -> torch.Tensor:
+def sample_grid(parts: Components, work: Distributed, grid: Grid | None, shape: tuple[int, ...],
+                **options) -> torch.Tensor:
     g = torch.Generator().manual_seed(5)
     latent, start = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    settings = SamplerSettings(mode="normal", steps=2, chunk_len=shape[2])
+    settings = SamplerSettings(mode="normal", steps=2, chunk_len=shape[2], **options)
     return sample_star(model_function(parts.model), latent, parts.positive, parts.negative, settings,
                        start_noise=start, brownian=123, grid=grid, work=work)
 
@@ -60,9 +62,12 @@ def main(out: Path) -> None:
                     (2, 3, 4))
         tiled = sample_grid(parts, work, grid, shape)
         single = sample_grid(parts, work, None, shape)
+        batched = sample_grid(parts, work, grid, shape, batch_cfg=True)
+        unguided = sample_grid(parts, work, grid, shape, cfg=1.0)
         if work.is_main:
-            torch.save({"frames": sink.frames, "grid": tiled, "single": single, "traffic": work.traffic,
-                        "sent": work.sent, "world": work.world_size}, out)
+            torch.save({"frames": sink.frames, "grid": tiled, "single": single, "batched": batched,
+                        "unguided": unguided, "traffic": work.traffic, "sent": work.sent, "world": work.world_size},
+                       out)
 
 
 if __name__ == "__main__":

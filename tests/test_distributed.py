@@ -1,8 +1,8 @@
 """Several ranks with torch.distributed (Gloo on this CPU machine, 1 thread per rank), launched by torchrun.
 
 * two ranks give exactly the frames (and latents) of one process: the pipeline on a clip of 3 sampler chunks with
-  VAE tiles and blended decode windows, the sampler over a 3-axis grid (chunks × rows × columns), and a single
-  window (the CFG passes are shared then);
+  VAE tiles and blended decode windows, the sampler over a 3-axis grid (chunks × rows × columns; CFG in two calls,
+  in one batch, and off), and a single window (the CFG passes are shared then);
 * the CLI spreads a batch: every video written once, the shared one identical to the one-process output;
 * a rank killed mid-run ends the other within seconds with an error naming it, and no output file is left.
 """
@@ -111,7 +111,7 @@ def test_two_ranks_give_the_frames_and_latents_of_one_process(tmp_path: Path):
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["world"] == 1 and two["world"] == 2
     assert one["frames"].shape == (9, 20, 28, 3)
-    for name in ("frames", "grid", "single"):
+    for name in ("frames", "grid", "single", "batched", "unguided"):
         assert torch.equal(one[name], two[name]), (name, (one[name] - two[name]).abs().max())
     assert one["traffic"] == {} and set(two["traffic"]) == {"encode", "sample", "decode"}
     assert two["sent"]["decode"] == 0  # rank 0 only receives decoded windows

@@ -109,8 +109,8 @@ class StarDenoiser:
         on_evaluation (`Callable`, *optional*): ``on_evaluation(done, total)`` before every network call, with
             ``total`` = calls per denoiser evaluation × ``evaluations``; raising stops the run.
         evaluations (`int`): denoiser evaluations the run will make (for ``total``).
-        work (`Distributed`, *optional*): several ranks share every evaluation (see :meth:`_shared`); ``total``
-            then counts this rank's calls.
+        work (`Distributed`, *optional*): several ranks share every evaluation (see :meth:`_shared_passes`);
+            ``total`` then counts this rank's calls.
     """
 
     def __init__(self, model_fn: ModelFn, hint: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
@@ -130,12 +130,17 @@ class StarDenoiser:
         self.total_calls = evaluations * len(grid) * model_passes(cfg, batch_cfg)
         self.work = work if work is not None and work.active else None
         self.evaluations = 0
+        # the (positive, negative) v of the next window; the shared path swaps in the exchanged results
+        self._window_passes = self._passes
         if self.work is not None:
-            passes = model_passes(cfg, batch_cfg)
-            # work items: windows (x0 exchanged), or (window, CFG pass) pairs (v exchanged) when that balances better
-            self.item_passes = passes if self.work.split_passes(len(grid), passes) else 1
-            items = len(self.work.mine(len(grid) * self.item_passes))
-            self.total_calls = evaluations * items * (1 if self.item_passes > 1 else passes)
+            self._outputs = 1 if cfg == 1 else 2  # v per window
+            # each window's passes on one rank, or each pass on its own when that spreads the calls better
+            self._split = model_passes(cfg, batch_cfg) == 2 and self.work.split_passes(len(grid), 2)
+            count = len(grid) * self._outputs
+            self._owners = [self.work.owner(k if self._split else k // self._outputs) for k in range(count)]
+            mine = self._owners.count(self.work.rank)
+            self.total_calls = evaluations * (mine if self._split else
+                                              mine // self._outputs * model_passes(cfg, batch_cfg))
         self._sigmas_vp = sigmas_vp().to(hint.device)
         self._alphas_vp = alphas_vp().to(hint.device)
 
@@ -146,17 +151,23 @@ class StarDenoiser:
         self.calls += 1
         return v
 
-    def _v(self, xt: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+    def _passes(self, xt: torch.Tensor, t: torch.Tensor,
+                hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The positive and negative v of one window (no negative when ``cfg == 1``)."""
         if self.cfg == 1:
-            return self._call(xt, t, self.positive, hint)
+            return self._call(xt, t, self.positive, hint), None
         if self.batch_cfg:
             both = self._call(torch.cat([xt, xt]), t.repeat(2), torch.cat([self.positive, self.negative]),
                               torch.cat([hint, hint]))
             cond, uncond = both.chunk(2)
-        else:
-            cond = self._call(xt, t, self.positive, hint)
-            uncond = self._call(xt, t, self.negative, hint)
-        return cfg_rescale(cond, uncond, self.cfg, self.rescale)
+            return cond, uncond
+        return self._call(xt, t, self.positive, hint), self._call(xt, t, self.negative, hint)
+
+    def _guide(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        return cond if uncond is None else cfg_rescale(cond, uncond, self.cfg, self.rescale)
+
+    def _v(self, xt: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+        return self._guide(*self._window_passes(xt, t, hint))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         xt = x * c_in(sigma)
@@ -165,49 +176,56 @@ class StarDenoiser:
         alpha_t, sigma_t = self._alphas_vp[t].view(shape), self._sigmas_vp[t].view(shape)
         self.evaluations += 1
         if self.work is not None:
-            return self._shared(xt, t, alpha_t, sigma_t)
-        if self.grid.is_single():
-            return alpha_t * xt - sigma_t * self._v(xt, t, self.hint)
-        acc = torch.zeros_like(xt)
-        for index in self.grid.indices():
-            xt_window = self.grid.slice(xt, index).contiguous()
-            v = self._v(xt_window, t, self.grid.slice(self.hint, index).contiguous())
-            self.grid.accumulate(acc, index, alpha_t * xt_window - sigma_t * v)
-            del v  # free this window's prediction before the next window's forward
-        return self.grid.normalize(acc)
+            self._window_passes = self._shared_passes(xt, t)
+        try:
+            if self.grid.is_single():
+                return alpha_t * xt - sigma_t * self._v(xt, t, self.hint)
+            acc = torch.zeros_like(xt)
+            for index in self.grid.indices():
+                xt_window = self.grid.slice(xt, index).contiguous()
+                v = self._v(xt_window, t, self.grid.slice(self.hint, index).contiguous())
+                self.grid.accumulate(acc, index, alpha_t * xt_window - sigma_t * v)
+                del v  # free this window's prediction before the next window's forward
+            return self.grid.normalize(acc)
+        finally:
+            self._window_passes = self._passes
 
-    def _shared(self, xt: torch.Tensor, t: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
-        """One evaluation shared by the ranks: each computes its work items (item ``k`` on rank ``k mod world``),
-        every rank receives every item and fuses them in grid order with the operations of :meth:`__call__`, so
-        the x0 (and the latent) is bit-identical on every rank and to one process. Exchanged per evaluation: the
-        x0 of every window (the CFG passes' two v when they are shared out separately)."""
+    def _shared_passes(self, xt: torch.Tensor, t: torch.Tensor) -> Callable:
+        """
+        The network work of one evaluation shared by the ranks: this rank runs the windows (or single CFG passes)
+        it owns, every rank receives every window's v, and the returned function hands them to the fusion of
+        :meth:`__call__` in grid order — the same operations on the same numbers as one process, so the x0 (and
+        the latent) is bit-identical on every rank. Exchanged per evaluation: every window's positive and
+        negative v (the positive only without CFG), float32.
+        """
         windows = list(self.grid.indices())
-        passes = self.item_passes
         contexts = (self.positive, self.negative)
-        outputs = {}
-        for item in self.work.mine(len(windows) * passes):
-            index = windows[item // passes]
+        outputs: dict[int, torch.Tensor] = {}
+        for w, index in enumerate(windows):
+            first = w * self._outputs
+            owned = [k for k in range(first, first + self._outputs) if self._owners[k] == self.work.rank]
+            if not owned:
+                continue
             xt_window = self.grid.slice(xt, index).contiguous()
             hint = self.grid.slice(self.hint, index).contiguous()
-            if passes == 1:
-                outputs[item] = alpha_t * xt_window - sigma_t * self._v(xt_window, t, hint)
+            if self._split:
+                for k in owned:
+                    outputs[k] = self._call(xt_window, t, contexts[k - first], hint)
             else:
-                outputs[item] = self._call(xt_window, t, contexts[item % passes], hint)
-            del xt_window, hint
-        shapes = [tuple(self.grid.slice(xt, windows[item // passes]).shape) for item in range(len(windows) * passes)]
-        items = self.work.exchange(outputs, shapes, stage="sample", what=f"sampler evaluation {self.evaluations}",
-                                   dtype=xt.dtype, device=xt.device)
+                for k, v in zip(owned, self._passes(xt_window, t, hint)):
+                    outputs[k] = v
+        shapes = [tuple(self.grid.slice(xt, windows[k // self._outputs]).shape) for k in range(len(self._owners))]
+        received = iter(self.work.exchange(outputs, shapes, self._owners, stage="sample",
+                                           what=f"sampler evaluation {self.evaluations}", dtype=xt.dtype,
+                                           device=xt.device))
         del outputs
-        predictions = items if passes == 1 else [
-            alpha_t * self.grid.slice(xt, index) - sigma_t * cfg_rescale(items[2 * w], items[2 * w + 1], self.cfg,
-                                                                          self.rescale)
-            for w, index in enumerate(windows)]
-        if self.grid.is_single():
-            return predictions[0]
-        acc = torch.zeros_like(xt)
-        for index, x0 in zip(windows, predictions):
-            self.grid.accumulate(acc, index, x0)
-        return self.grid.normalize(acc)
+
+        def window_passes(xt_window: torch.Tensor, t: torch.Tensor, hint: torch.Tensor):
+            passes = [next(received) for _ in range(self._outputs)]
+            assert passes[0].shape == xt_window.shape, "windows must be fused in grid order"
+            return passes[0], (passes[1] if self._outputs == 2 else None)
+
+        return window_passes
 
 
 def solver_sigmas(settings: SamplerSettings, device: torch.device | str = "cpu") -> torch.Tensor:
