@@ -112,21 +112,32 @@ def main() -> int:
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--device", default="cpu", help="cpu (Gloo) or cuda (NCCL, one GPU per rank)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of every configuration, alternating 1 rank and N ranks; the median is printed "
+                             "(a loaded machine drifts)")
     args = parser.parse_args()
     if args.worker:
         result = worker(args.worker, args.device, args.threads)
         if result is not None:
             print(json.dumps(result), flush=True)
         return 0
-    print(f"STAR sampler on 1 vs N ranks, {args.device}, {args.threads} thread(s) per rank; per step: every rank runs "
-          "its windows' network calls, then every window's positive and negative v (fp32) are all-gathered")
+    print(f"STAR sampler on 1 vs N ranks, {args.device}, {args.threads} thread(s) per rank, median of {args.repeats} "
+          "run(s); per step: every rank runs its windows' network calls, then every window's positive and negative v "
+          "(fp32) are all-gathered")
     print("| model | latent | calls/step | ranks | s/step | speed-up | received/rank/step | sent/rank/step "
           "| exchange wait s/step | latent = 1 rank |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for kind in args.models:
+        runs: dict[int, list[dict]] = {ranks: [] for ranks in args.ranks}
+        for _ in range(args.repeats):
+            for ranks in args.ranks:
+                runs[ranks].append(run_config(kind, ranks, args.device, args.threads))
         base = None
         for ranks in args.ranks:
-            r = run_config(kind, ranks, args.device, args.threads)
+            r = dict(runs[ranks][0], step_s=statistics.median(run["step_s"] for run in runs[ranks]),
+                     wait_per_step_s=statistics.median(run["wait_per_step_s"] for run in runs[ranks]))
+            if len({run["latent_sha1"] for run in runs[ranks]}) != 1:
+                r["latent_sha1"] = "differs between repeats"
             base = base or r
             same = "yes" if r["latent_sha1"] == base["latent_sha1"] else "NO"
             latent = "x".join(str(n) for n in r["latent"][2:])
