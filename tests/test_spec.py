@@ -27,7 +27,6 @@ NODE_OPTIONS = {
     ("STARLREncode", "seed"): ("seed", None),
     ("STARLREncode", "tile"): ("encode.tile", NONE_IF_ZERO),
     ("STARLREncode", "tile_overlap"): ("encode.tile_overlap", None),
-    ("STARSampler", "seed"): ("seed", None),
     ("STARSampler", "solver_mode"): ("sampler.mode", None),
     ("STARSampler", "steps"): ("sampler.steps", None),
     ("STARSampler", "cfg"): ("sampler.cfg", None),
@@ -45,10 +44,21 @@ NODE_OPTIONS = {
     ("STARTextEncode", "prompt"): ("prompt.prompt", None),
     ("STARTextEncode", "suffix"): ("prompt.suffix", None),
     ("STARTextEncode", "negative_prompt"): ("prompt.negative_prompt", None),
+    ("STARUpscale", "prompt"): ("prompt.prompt", None),
+    ("STARUpscale", "scale"): ("output.scale", None),
+    ("STARUpscale", "padding"): ("output.padding", None),
+    ("STARUpscale", "seed"): ("seed", None),
+    ("STARUpscale", "vae_tile"): ("encode.tile", NONE_IF_ZERO),
 }
+# The streaming nodes show the same widget groups as their IMAGE counterparts.
+NODE_OPTIONS |= {("STARVideoEncode", name): spec for (node, name), spec in NODE_OPTIONS.items()
+                 if node == "STARLREncode"}
+NODE_OPTIONS |= {("STARVideoDecode", name): spec for (node, name), spec in NODE_OPTIONS.items()
+                 if node in ("STARTiledVAEDecode", "STARColourFix")}
 # Widget inputs that are not run options (model files, dtypes): listed so a new input must be classified.
+# Model files and the frame rate of IMAGE frames (a property of the source, like a file's fps) are not run options.
 NOT_RUN_OPTIONS = {("STARModelLoader", "ckpt_name"), ("STARModelLoader", "weight_dtype"),
-                   ("STARVAELoader", "vae_name")}
+                   ("STARVAELoader", "vae_name"), ("STARLREncode", "fps")}
 
 
 def test_cli_defaults_are_the_specs():
