@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from star_core.spec import DEFAULTS
 from star_core.vae import load_svd_vae
 from star_core.windows import Grid, plan_windows
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "star_tiny"
+FIXTURES = Path(os.environ.get("STAR_FIXTURES", Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "star_tiny"))
 OPTIONS = {"output.scale": 2.0, "output.padding": "minimal", "sampler.mode": "normal", "sampler.steps": 2,
            "sampler.chunk_len": 4, "sampler.overlap": 1, "sampler.fusion": "hann", "decode.window": 2,
            "decode.window_overlap": 1, "decode.tile": 32, "decode.tile_overlap": 16, "encode.tile": 32,
