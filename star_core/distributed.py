@@ -11,8 +11,8 @@ CPUs); without those variables it is the single process and nothing changes. The
 * the VAE encoder's frame windows — gathered on every rank (the latent is small);
 * the VAE decoder's temporal windows — gathered round by round on rank 0, which alone colour-fixes and writes.
 
-Item ``k`` of ``n`` belongs to rank ``k mod world`` (:meth:`Distributed.owner`); :meth:`Distributed.exchange`
-moves the items' tensors. Faults: every collective is waited for in a loop that watches the other ranks through
+Work items are owned round robin (:meth:`Distributed.owner`: item ``k`` on rank ``k mod world``, or whole windows
+for the sampler); :meth:`Distributed.exchange` and :meth:`Distributed.stream` move the items' tensors. Faults: every collective is waited for in a loop that watches the other ranks through
 the launcher's key-value store (a heartbeat per rank, the collective each rank reached, failures posted by
 ranks that raised), so a rank that fails, dies or hangs ends the run on every rank with an error naming it —
 a failure posted or a dead peer within :data:`DEAD_AFTER_S` seconds, a hang within the timeout (default
@@ -28,8 +28,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -234,10 +234,6 @@ class Distributed:
         """The rank that computes item ``item`` (round robin)."""
         return item % self.world_size
 
-    def mine(self, count: int) -> range:
-        """This rank's items among ``count``."""
-        return range(self.rank, count, self.world_size)
-
     def split_passes(self, windows: int, passes: int) -> bool:
         """Whether the sampler should share out the CFG passes of a window separately: only when that lowers the
         largest share of network calls (e.g. one window on two ranks), since it doubles the bytes exchanged."""
@@ -266,8 +262,8 @@ class Distributed:
             device (`torch.device`, *optional*): where the returned tensors go (default: this rank's device).
 
         Returns:
-            `list[torch.Tensor] | None`: one tensor per item, in item order; this rank's own items are the given
-            tensors themselves.
+            `list[torch.Tensor] | None`: one tensor per item, in item order (this rank's own items are the given
+            tensors, moved and cast like the others).
         """
         count = len(shapes)
         device = self.device if device is None else torch.device(device)
@@ -276,7 +272,7 @@ class Distributed:
         if sorted(outputs) != held[self.rank]:
             raise ValueError(f"exchange: rank {self.rank} must give items {held[self.rank]}, got {sorted(outputs)}")
         if not self.active:
-            return [outputs[k].to(device) for k in range(count)]
+            return [outputs[k].to(device, dtype) for k in range(count)]
         import torch.distributed as dist
 
         sizes = [math.prod(shape) for shape in shapes]
@@ -306,7 +302,7 @@ class Distributed:
         for r, part in enumerate(parts):
             offset = 0
             for k in held[r]:
-                result[k] = outputs[k].to(device) if r == self.rank else \
+                result[k] = outputs[k].to(device, dtype) if r == self.rank else \
                     part[offset:offset + sizes[k]].view(*shapes[k]).to(device)
                 offset += sizes[k]
         return result
