@@ -33,9 +33,9 @@ from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .host import HostContext, ProgressEvent
 from .options import SpecError
 from .spec import DEFAULTS, RunSpec, default, option_info
-from .video_io import CODECS, FileSource, VideoFileSink, probe_video, write_synthetic_clip
+from .train.cli import add_train_parser, run_train
+from .video_io import CODECS, VIDEO_EXTENSIONS, FileSource, VideoFileSink, probe_video, write_synthetic_clip
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
 EXIT_FAILED, EXIT_MODELS_MISSING = 1, 3
 DEMO_FRAMES = 8  # 8 frames of 48x32, x2: small enough for a CPU, long enough to exercise windows and chunks
 DEMO_NOTE = ("--demo-tiny: tiny RANDOM-weight models on a generated clip. The output is noise: this checks that the "
@@ -87,6 +87,18 @@ def _add_spec_option(group, flag: str, path: str) -> None:
                        choices=info.choices, metavar=None if info.choices else metavar)
 
 
+def add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """The "models" option group shared by the commands that load STAR's models (upscale, train)."""
+    models = parser.add_argument_group("models")
+    models.add_argument("--model", default="light", help=model_help)
+    models.add_argument("--vae", help="SVD VAE: diffusers folder or .safetensors (default: found/downloaded)")
+    models.add_argument("--text-encoder", help="OpenCLIP ViT-H-14 / SD2 CLIP-H text encoder file or folder")
+    models.add_argument("--tokenizer", help="CLIP tokenizer: folder with vocab.json + merges.txt, or open_clip's vocab")
+    models.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
+    models.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
+    models.add_argument("--offline", action="store_true", help="never download; list what is missing instead")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m star_core`` / ``star-vsr``."""
     parser = argparse.ArgumentParser(prog="star-vsr", description="STAR video super-resolution (I2VGen-XL based).")
@@ -109,16 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, path in options:
             _add_spec_option(group, flag, path)
 
-    models = up.add_argument_group("models")
-    models.add_argument("--model", default="light",
-                        help="'light' (lightly degraded, e.g. web video), 'heavy' (heavily degraded) or a "
-                             "checkpoint path")
-    models.add_argument("--vae", help="SVD VAE: diffusers folder or .safetensors (default: found/downloaded)")
-    models.add_argument("--text-encoder", help="OpenCLIP ViT-H-14 / SD2 CLIP-H text encoder file or folder")
-    models.add_argument("--tokenizer", help="CLIP tokenizer: folder with vocab.json + merges.txt, or open_clip's vocab")
-    models.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
-    models.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
-    models.add_argument("--offline", action="store_true", help="never download; list what is missing instead")
+    add_model_options(up, "'light' (lightly degraded, e.g. web video), 'heavy' (heavily degraded) or a checkpoint "
+                          "path")
 
     run = up.add_argument_group("run")
     run.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -142,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
     fetch.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
     fetch.add_argument("--offline", action="store_true", help="only check what is present")
+    add_train_parser(commands)
     return parser
 
 
@@ -468,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "download":
             return run_download(args)
+        if args.command == "train":
+            return run_train(args)
         if args.demo_tiny:
             with _demo_setup(args):
                 return run_upscale(args)

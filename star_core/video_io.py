@@ -19,6 +19,8 @@ import torch
 
 from .frames import SourceInfo, to_uint8
 
+# file extensions treated as videos when a folder is scanned
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
 # name -> (encoder, options, pixel format for even sizes, pixel format for odd sizes)
 CODECS: dict[str, tuple[str, dict[str, str], str, str]] = {
     "h264": ("libx264", {"preset": "slow"}, "yuv420p", "yuv444p"),
