@@ -7,18 +7,22 @@
 * ``single``: the sampled latent with one window (the CFG passes are what the ranks share then);
 * ``batched``, ``unguided``: the 3-axis grid with both CFG passes in one call, and without CFG;
 * ``traffic``/``sent``: bytes received/sent by rank 0 per stage, and ``steps``.
+
+``--hang SECONDS``: two exchanges with a 4 s timeout, rank 1 alive but sleeping SECONDS between them; every rank
+prints its error and exits with status 1.
 """
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from star_core.checkpoint import load_star_model
 from star_core.diffusion.star_sampling import SamplerSettings, sample_star
-from star_core.distributed import Distributed
+from star_core.distributed import Distributed, DistributedError
 from star_core.frames import TensorSink, TensorSource
 from star_core.host import HostContext
 from star_core.pipeline import Components, model_function, run
@@ -71,5 +75,21 @@ def main(out: Path) -> None:
                        out)
 
 
+def hang(seconds: float) -> None:
+    work = Distributed.from_env("cpu", timeout=4)
+    try:
+        with work.guard():
+            for number in (1, 2):
+                if work.rank == 1 and number == 2:
+                    time.sleep(seconds)
+                work.exchange({work.rank: torch.ones(2)}, [(2,), (2,)], stage="test", what=f"test exchange {number}")
+    except DistributedError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--hang":
+        hang(float(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))

@@ -4,7 +4,8 @@
   VAE tiles and blended decode windows, the sampler over a 3-axis grid (chunks × rows × columns; CFG in two calls,
   in one batch, and off), and a single window (the CFG passes are shared then);
 * the CLI spreads a batch: every video written once, the shared one identical to the one-process output;
-* a rank killed mid-run ends the other within seconds with an error naming it, and no output file is left.
+* a rank killed mid-run ends the other within seconds with an error naming it, and no output file is left; a rank
+  that hangs ends the run after the timeout, named.
 """
 from __future__ import annotations
 
@@ -115,6 +116,15 @@ def test_two_ranks_give_the_frames_and_latents_of_one_process(tmp_path: Path):
         assert torch.equal(one[name], two[name]), (name, (one[name] - two[name]).abs().max())
     assert one["traffic"] == {} and set(two["traffic"]) == {"encode", "sample", "decode"}
     assert two["sent"]["decode"] == 0  # rank 0 only receives decoded windows
+
+
+def test_a_hung_rank_ends_the_run_after_the_timeout_naming_it(tmp_path: Path):
+    started = time.monotonic()
+    done = subprocess.run([*TORCHRUN, str(REPO / "tests" / "distributed_worker.py"), "--hang", "60"],
+                          capture_output=True, text=True, cwd=tmp_path, env=ENV, timeout=120)
+    assert done.returncode != 0 and time.monotonic() - started < 50  # the 4 s timeout, not the 60 s sleep
+    assert "error: rank 0 stopped at test exchange 2: rank 1 (still at test exchange 1) did not get there within " \
+           "4 s: it hangs" in done.stderr, done.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
