@@ -56,6 +56,19 @@ def _target_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def _pixel_pair(text: str) -> tuple[int, int] | None:
+    """``N`` (square), ``HxW`` or ``off`` for a (height, width) option in pixels, e.g. ``--diffusion-tile``."""
+    if text.lower() in ("off", "none"):
+        return None
+    try:
+        values = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"must be pixels as N, HEIGHTxWIDTH (e.g. 512x768) or off, got {text!r}")
+    return (values[0], values[-1])
+
+
 # Options read from the run spec: (flags, dotted spec name) per help group. Their default, help, type, range and
 # choices are the spec's; `spec_from_args` validates them all at once.
 SPEC_OPTIONS: dict[str, list[tuple[str, str]]] = {
@@ -65,10 +78,12 @@ SPEC_OPTIONS: dict[str, list[tuple[str, str]]] = {
     "sampler": [("--solver-mode", "sampler.mode"), ("--steps", "sampler.steps"), ("--cfg", "sampler.cfg"),
                 ("--rescale", "sampler.rescale"), ("--seed", "seed"), ("--chunk-len", "sampler.chunk_len"),
                 ("--chunk-overlap", "sampler.overlap"), ("--chunk-fusion", "sampler.fusion"),
-                ("--batch-cfg", "sampler.batch_cfg")],
+                ("--batch-cfg", "sampler.batch_cfg"), ("--diffusion-tile", "sampler.tile"),
+                ("--diffusion-tile-overlap", "sampler.tile_overlap"), ("--diffusion-tile-blend", "sampler.tile_blend")],
     "VAE and colour": [("--posterior", "encode.posterior"), ("--encode-tile", "encode.tile"),
-                       ("--encode-tile-overlap", "encode.tile_overlap"), ("--decode-tile", "decode.tile"),
-                       ("--decode-tile-overlap", "decode.tile_overlap"), ("--decode-window", "decode.window"),
+                       ("--encode-tile-overlap", "encode.tile_overlap"), ("--encode-tile-mode", "encode.tile_mode"),
+                       ("--decode-tile", "decode.tile"), ("--decode-tile-overlap", "decode.tile_overlap"),
+                       ("--decode-tile-mode", "decode.tile_mode"), ("--decode-window", "decode.window"),
                        ("--decode-window-overlap", "decode.window_overlap"), ("--colour-fix", "colour.method"),
                        ("--colour-strength", "colour.strength")],
 }
@@ -81,8 +96,8 @@ def _add_spec_option(group, flag: str, path: str) -> None:
     if info.kind is bool:
         group.add_argument(flag, dest=dest, action="store_true", default=default(path), help=info.help)
         return
-    kind = {"int": int, "float": float}.get(getattr(info.kind, "__name__", ""), str)
-    metavar = "N" if kind is int else ("X" if kind is float else None)
+    kind = {"int": int, "float": float, "tuple": _pixel_pair}.get(getattr(info.kind, "__name__", ""), str)
+    metavar = {int: "N", float: "X", _pixel_pair: "HxW"}.get(kind)
     group.add_argument(flag, dest=dest, type=kind, default=default(path), help=info.help,
                        choices=info.choices, metavar=None if info.choices else metavar)
 

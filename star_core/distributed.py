@@ -333,15 +333,27 @@ class Distributed:
                 yield from received
 
     def broadcast(self, value: object, *, what: str) -> object:
-        """Rank 0's ``value`` (any picklable object) on every rank."""
+        """Rank 0's ``value`` (any picklable object; the others pass anything) on every rank, waited for like
+        every collective (a rank that fails or dies meanwhile ends the run, named)."""
         if not self.active:
             return value
-        import torch.distributed as dist
+        import pickle
 
-        box = [value if self.is_main else None]
-        self._mark(what)
-        dist.broadcast_object_list(box, src=0, device=self.device if self.backend == "nccl" else None)
-        return box[0]
+        payload = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8) if self.is_main else None
+        length = self.exchange({0: torch.tensor([len(payload)], dtype=torch.int64)} if self.is_main else {},
+                               [(1,)], [0], stage="control", what=what, dtype=torch.int64, device="cpu")[0]
+        data = self.exchange({0: payload} if self.is_main else {}, [(int(length),)], [0], stage="control",
+                             what=what, dtype=torch.uint8, device="cpu")[0]
+        return value if self.is_main else pickle.loads(data.numpy().tobytes())
+
+    def flagged(self, flag: bool, *, what: str) -> list[int]:
+        """The ranks whose ``flag`` is true (every rank passes its own; e.g. "my part ran out of memory")."""
+        if not self.active:
+            return [0] if flag else []
+        flags = self.exchange({self.rank: torch.tensor([int(flag)], dtype=torch.uint8)}, [(1,)] * self.world_size,
+                              list(range(self.world_size)), stage="control", what=what, dtype=torch.uint8,
+                              device="cpu")
+        return [r for r, value in enumerate(flags) if int(value)]
 
     def finish(self, failures: int) -> int:
         """

@@ -112,8 +112,11 @@ def test_two_ranks_give_the_frames_and_latents_of_one_process(tmp_path: Path):
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["world"] == 1 and two["world"] == 2
     assert one["frames"].shape == (9, 20, 28, 3)
-    for name in ("frames", "grid", "single", "batched", "unguided"):
+    for name in ("frames", "grid", "single", "batched", "unguided", "replanned"):
         assert torch.equal(one[name], two[name]), (name, (one[name] - two[name]).abs().max())
+    # one out-of-memory error (both ranks ran a CFG pass of the whole frame): rank 0 chose the smaller windows, once
+    assert one["asked"] == [((1, 1, 1), "injected: window too large")]
+    assert two["asked"] == [((1, 1, 1), "rank 0, rank 1 ran out of memory at sampler evaluation 1")]
     assert one["traffic"] == {} and set(two["traffic"]) == {"encode", "sample", "decode"}
     assert two["sent"]["decode"] == 0  # rank 0 only receives decoded windows
 

@@ -106,7 +106,8 @@ def test_spec_validation_names_the_option():
     with pytest.raises(SpecError, match=r"decode.window_overlap \(3\) must be smaller than the decoder window \(3\)"):
         DEFAULTS.with_options({"decode.window_overlap": 3})
     with pytest.raises(SpecError, match="decode.tile overlap 64 px must be smaller than the tile size 64 px"):
-        DEFAULTS.with_options({"decode.tile": 64})
+        DEFAULTS.with_options({"decode.tile": 64, "decode.tile_mode": "fast"})
+    assert DEFAULTS.with_options({"decode.tile": 64}).decode.tile_mode == "exact"  # exact tiles need no overlap
     with pytest.raises(SpecError, match=r"seed must be in \[0, 18446744073709551615\], got -1"):
         DEFAULTS.with_options({"seed": -1})
     with pytest.raises(SpecError, match=r"output.target must be two integers"):
