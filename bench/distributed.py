@@ -29,16 +29,17 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
 from star_core.diffusion import SamplerSettings, sample_star  # noqa: E402
-from star_core.diffusion.star_sampling import model_passes, plan_evaluations  # noqa: E402
+from star_core.diffusion.star_sampling import model_passes, network_levels, plan_evaluations  # noqa: E402
 from star_core.distributed import Distributed  # noqa: E402
 from star_core.model import STARConfig, STARUNet  # noqa: E402
 from star_core.pipeline import model_function  # noqa: E402
 from star_core.tiny_models import TINY_STAR, star_weights  # noqa: E402
 
-# latent [1,4,F,h,w] and sampler of each model size: 2 chunks of 4 frames (overlap 1) x 2 CFG passes = 4 calls/step
+# latent [1,4,F,h,w] and sampler of each model size: 2 chunks of 4 frames (overlap 1) x diffusion tiles (tiny: 2 rows
+# x 2 columns of 10x16 latent cells; full: 3 columns of 10x8, the released network's size rule) x 2 CFG passes
 CONFIGS = {
-    "tiny": dict(frames=7, hw=(18, 24), steps=4, chunk_len=4, overlap=1),
-    "full": dict(frames=7, hw=(10, 16), steps=2, chunk_len=4, overlap=1),
+    "tiny": dict(frames=7, hw=(18, 24), steps=4, chunk_len=4, overlap=1, tile=(80, 128), tile_overlap=None),
+    "full": dict(frames=7, hw=(10, 16), steps=1, chunk_len=4, overlap=1, tile=(80, 64), tile_overlap=16),
 }
 
 
@@ -65,7 +66,8 @@ def worker(kind: str, device: str, threads: int) -> dict | None:
         lr, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         positive, negative = torch.randn(1, 77, 1024, generator=g), torch.randn(1, 77, 1024, generator=g)
         settings = SamplerSettings(mode="normal", steps=config["steps"], chunk_len=config["chunk_len"],
-                                   overlap=config["overlap"], fusion="linear")
+                                   overlap=config["overlap"], fusion="linear", tile=config["tile"],
+                                   tile_overlap=config["tile_overlap"])
         stamps = [time.perf_counter()]
 
         def on_step(step, steps, x, x0):
@@ -79,9 +81,10 @@ def worker(kind: str, device: str, threads: int) -> dict | None:
         if not work.is_main:
             return None
         steps = len(stamps) - 1
-        windows = len(plan_evaluations(shape, settings))
+        grid = plan_evaluations(shape, settings, network_levels(model))
+        windows = len(grid)
         return {"model": kind, "ranks": work.world_size, "device": str(work.device), "latent": list(shape),
-                "windows": windows, "calls_per_step": windows * model_passes(settings.cfg, settings.batch_cfg),
+                "windows": windows, "grid": list(grid.shape), "calls_per_step": windows * model_passes(settings.cfg, settings.batch_cfg),
                 "step_s": statistics.median(b - a for a, b in zip(stamps, stamps[1:])),
                 "received_per_step": work.traffic.get("sample", 0) / steps,
                 "sent_per_step": work.sent.get("sample", 0) / steps,
@@ -122,11 +125,11 @@ def main() -> int:
             print(json.dumps(result), flush=True)
         return 0
     print(f"STAR sampler on 1 vs N ranks, {args.device}, {args.threads} thread(s) per rank, median of {args.repeats} "
-          "run(s); per step: every rank runs its windows' network calls, then every window's positive and negative v "
-          "(fp32) are all-gathered")
-    print("| model | latent | calls/step | ranks | s/step | speed-up | received/rank/step | sent/rank/step "
+          "run(s); per step: every rank runs its windows' (chunks x diffusion tiles) network calls, then every window's "
+          "positive and negative v (fp32) are all-gathered")
+    print("| model | latent | chunks x rows x cols | calls/step | ranks | s/step | speed-up | received/rank/step | sent/rank/step "
           "| exchange wait s/step | latent = 1 rank |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for kind in args.models:
         runs: dict[int, list[dict]] = {ranks: [] for ranks in args.ranks}
         for _ in range(args.repeats):
@@ -141,7 +144,8 @@ def main() -> int:
             base = base or r
             same = "yes" if r["latent_sha1"] == base["latent_sha1"] else "NO"
             latent = "x".join(str(n) for n in r["latent"][2:])
-            print(f"| {kind} | {latent} | {r['calls_per_step']} | {ranks} | {r['step_s']:.3f} "
+            grid = "x".join(str(n) for n in r["grid"])
+            print(f"| {kind} | {latent} | {grid} | {r['calls_per_step']} | {ranks} | {r['step_s']:.3f} "
                   f"| {base['step_s'] / r['step_s']:.2f}x | {_mib(r['received_per_step'])} "
                   f"| {_mib(r['sent_per_step'])} | {r['wait_per_step_s']:.3f} | {same} |", flush=True)
     return 0
