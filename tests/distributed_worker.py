@@ -6,9 +6,9 @@
 * ``grid``: the sampled latent of :func:`sample_star` over chunks × rows × columns (a 3-axis grid);
 * ``single``: the sampled latent with one window (the CFG passes are what the ranks share then);
 * ``batched``, ``unguided``: the 3-axis grid with both CFG passes in one call, and without CFG;
-* ``replanned``: whole frames at first, but the network runs out of memory on windows above 48 latent cells
-  (whichever rank owns one), so the evaluation is repeated with diffusion tiles (:class:`Replan`); ``asked``:
-  the grids ``Replan.smaller`` was asked about on this rank;
+* ``replanned``: whole frames at first, but the negative pass runs out of memory on windows above 48 latent
+  cells (on two ranks only rank 1, which owns it), so the evaluation is repeated with diffusion tiles on every
+  rank (:class:`Replan`); ``asked``: what ``Replan.smaller`` was asked on rank 0;
 * ``traffic``/``sent``: bytes received/sent by rank 0 per stage, and ``steps``.
 
 ``--hang SECONDS``: two exchanges with a 4 s timeout, rank 1 alive but sleeping SECONDS between them; every rank
@@ -66,7 +66,7 @@ def sample_replanned(parts: Components, work: Distributed) -> tuple[torch.Tensor
     model_fn = model_function(parts.model)
 
     def model(x, t, context, hint):
-        if x.shape[3] * x.shape[4] > 48:
+        if x.shape[3] * x.shape[4] > 48 and torch.equal(context, parts.negative):
             raise torch.OutOfMemoryError("injected: window too large")
         return model_fn(x, t, context, hint)
 
