@@ -224,9 +224,14 @@ class Sizing:
         """The plan fields that may shrink."""
         return _fields(self.stage, self.auto)
 
+    @property
+    def can_shrink(self) -> bool:
+        """Whether an out-of-memory error can be answered with a smaller plan (auto options, a known model)."""
+        return bool(self.auto) and self.components is not None
+
     def matches(self, error: BaseException) -> bool:
         """Whether ``error`` is an out-of-memory error this stage can answer with a smaller plan."""
-        return bool(self.auto) and self.components is not None and is_out_of_memory(error, self.host.oom_errors)
+        return self.can_shrink and is_out_of_memory(error, self.host.oom_errors)
 
     def smaller(self, error: BaseException, fields: Iterable[str] | None = None) -> PlanSizes:
         """

@@ -4,6 +4,10 @@ This module only parses arguments, plans inputs and outputs, loads the models on
 each video is one :func:`star_core.pipeline.run` from a :class:`~star_core.video_io.FileSource` to a
 :class:`~star_core.video_io.VideoFileSink` (two streaming passes over the file, so memory does not grow with its
 length). Every option's default, help and range come from :mod:`star_core.spec`.
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m star_core upscale ...``) every rank runs this module: rank 0
+decides which videos to process, whole videos go to single ranks while there are at least as many as ranks, the
+rest are processed by all ranks together (:mod:`star_core.distributed`); only rank 0 shows progress bars.
 """
 from __future__ import annotations
 
@@ -11,9 +15,11 @@ import argparse
 import gc
 import glob
 import os
+import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from . import autosize, pipeline
+from .distributed import DEFAULT_TIMEOUT_S, Distributed, DistributedError, plan_batch
 from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .host import HostContext, ProgressEvent
 from .memory import NoPlanFits, free_cached_memory, is_out_of_memory
@@ -163,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-audio", action="store_true", help="do not copy the input's audio")
     run.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                     help="under torchrun: how long a rank may wait for the others (e.g. for a slow model load or an "
+                          "uneven share) before the run is ended as hung; a rank that fails or dies ends the run "
+                          "within seconds")
     fetch = commands.add_parser("download", help="fetch (or locate) the model files without processing anything",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     fetch.add_argument("--model", default="light", help="'light', 'heavy' or a checkpoint path")
@@ -254,7 +265,11 @@ def plan_outputs(inputs: list[tuple[Path, bool]], output: Path, codec: str) -> l
 # ------------------------------------------------------------------------------------------------------ models
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; anything else is validated by torch."""
+    """``auto`` → CUDA when available, else CPU; anything else is validated by torch. Under torchrun a CUDA device
+    must not name an index: each rank uses ``cuda:LOCAL_RANK``."""
+    if Distributed.launched() and name.startswith("cuda:"):
+        raise InputError(f"--device {name}: under torchrun each rank uses the GPU of its LOCAL_RANK; give --device "
+                         "cuda (or auto) and pick the GPUs with CUDA_VISIBLE_DEVICES")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -413,40 +428,16 @@ def _log(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def _file_spec(spec: RunSpec, source: FileSource) -> RunSpec:
+def _file_spec(spec: RunSpec, source: FileSource, log: Callable[[str], None] | None = None) -> RunSpec:
     """The spec for one file: ``--target-size`` names the picture as shown, so for a file shown rotated by 90 or
-    270 degrees it is swapped to the stored frames (which are what is upscaled)."""
+    270 degrees it is swapped to the stored frames (which are what is upscaled); ``log`` gets a note saying so."""
     target = spec.output.target
     if target is None or round(source.video.rotation) % 180 == 0:
         return spec
-    _log(f"{source.info.name}: shown rotated by {source.video.rotation:g} degrees: --target-size "
-         f"{target[0]}x{target[1]} applies to the picture as shown, {target[1]}x{target[0]} to the stored frames")
+    if log is not None:
+        log(f"{source.info.name}: shown rotated by {source.video.rotation:g} degrees: --target-size "
+            f"{target[0]}x{target[1]} applies to the picture as shown, {target[1]}x{target[0]} to the stored frames")
     return spec.with_options({"output.target": (target[1], target[0])})
-
-
-def open_inputs(pairs: list[tuple[Path, Path]], spec: RunSpec, codec: str,
-                crf: int | None) -> tuple[list[tuple[FileSource, Path, RunSpec]], int]:
-    """
-    Opens every input before any model is loaded, so unreadable inputs and outputs the codec cannot write fail
-    fast; prints what will change about an input (truncated, alpha, bit depth) and one error line per bad input.
-
-    Returns:
-        `tuple`: the runnable (source, output, spec) triples and the number of inputs that failed.
-    """
-    opened, failures = [], 0
-    for src, dst in pairs:
-        try:
-            source = FileSource(src)
-            file_spec = _file_spec(spec, source)
-            check_output(codec, crf, pipeline.plan(source.info, file_spec).target_size)
-        except (ValueError, FileNotFoundError) as exc:
-            failures += 1
-            print(f"error: {exc}", file=sys.stderr)
-            continue
-        for note in source.video.notes():
-            _log(f"{src.name}: {note}")
-        opened.append((source, dst, file_spec))
-    return opened, failures
 
 
 def memory_budget(args: argparse.Namespace, components: pipeline.Components, device: torch.device) -> int | None:
@@ -458,8 +449,65 @@ def memory_budget(args: argparse.Namespace, components: pipeline.Components, dev
     return autosize.device_budget(device, modules)
 
 
+def shared_budget(work: Distributed, budget: int | None) -> int | None:
+    """The budget every rank sizes its shared videos for: the smallest of the ranks' (the ranks must choose the
+    same windows to share the sampler's work)."""
+    if not work.active:
+        return budget
+    values = work.exchange({work.rank: torch.tensor([-1 if budget is None else budget], dtype=torch.int64)},
+                           [(1,)] * work.world_size, list(range(work.world_size)), stage="control",
+                           what="the memory budgets", dtype=torch.int64, device="cpu")
+    known = [int(value) for value in values if int(value) >= 0]
+    return min(known) if known else None
+
+
+def _probe(pairs: list[tuple[Path, Path]], indices: list[int], spec: RunSpec, codec: str,
+           crf: int | None) -> tuple[list[int], list[float], list[str]]:
+    """
+    Opens the inputs ``indices`` before any model is loaded, so unreadable inputs and outputs the codec cannot
+    write fail fast; logs what will change about an input (truncated, alpha, bit depth, rotation).
+
+    Returns:
+        `tuple`: the runnable indices, their work (frames x pixels) and one error line per bad input.
+    """
+    checked, costs, errors = [], [], []
+    for index in indices:
+        src = pairs[index][0]
+        try:
+            source = FileSource(src)
+            check_output(codec, crf, pipeline.plan(source.info, _file_spec(spec, source, _log)).target_size)
+        except (ValueError, FileNotFoundError) as exc:
+            errors.append(f"error: {exc}")
+            continue
+        for note in source.video.notes():
+            _log(f"{src.name}: {note}")
+        checked.append(index)
+        costs.append(float(source.info.frames * source.info.width * source.info.height))
+    return checked, costs, errors
+
+
+def _upscale_one(src: Path, dst: Path, args: argparse.Namespace, spec: RunSpec, components: pipeline.Components,
+                 host: HostContext, tag: str) -> None:
+    """One video from file to file through :func:`pipeline.run` (on every rank of a shared video); an existing
+    output is replaced only once the new video is complete (said in the log)."""
+    started = time.perf_counter()
+    if dst.exists():
+        host.log(f"{dst} exists: it is replaced once the new video is complete (--skip-existing keeps it)")
+    try:
+        source = FileSource(src)
+        audio = src if source.video.has_audio and not args.no_audio else None
+        sink = VideoFileSink(dst, codec=args.codec, crf=args.crf, audio_from=audio, source=source, log=host.log)
+        pipeline.run(source, sink, _file_spec(spec, source), components, host)
+    finally:
+        if isinstance(host.progress, Progress):
+            host.progress.close()
+    if host.distributed is None or host.distributed.is_main:
+        print(f"{tag}{src} -> {dst} ({source.info.frames} frames, {time.perf_counter() - started:.1f} s)",
+              file=sys.stderr)
+
+
 def run_upscale(args: argparse.Namespace) -> int:
-    """Runs the ``upscale`` command; returns the process exit code."""
+    """Runs the ``upscale`` command; returns the process exit code (under torchrun: this rank's)."""
     if not args.inputs and not args.demo_tiny:
         raise InputError("give at least one input video (or --demo-tiny for the install self-check)")
     try:
@@ -468,60 +516,89 @@ def run_upscale(args: argparse.Namespace) -> int:
         raise InputError(f"--{exc}") from None
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.dist_timeout <= 0:
+        raise InputError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.memory_budget is not None and not args.memory_budget > 0:
         raise InputError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
     pairs = plan_outputs(expand_inputs(args.inputs, _log), args.output, args.codec)
-    todo = [(s, d) for s, d in pairs if not (args.skip_existing and d.exists())]
-    for src, dst in pairs:
-        if (src, dst) not in todo:
-            print(f"skip {src}: {dst} exists (--skip-existing)", file=sys.stderr)
     spec = spec_from_args(args)
-    opened, failures = open_inputs(todo, spec, args.codec, args.crf)
-    if not opened:
-        return EXIT_FAILED if failures else 0
+    device = pick_device(args.device)
+    if not Distributed.launched():
+        return _upscale_batch(args, spec, pairs, device, Distributed())
+    work = Distributed.from_env(device, timeout=args.dist_timeout)
+    try:
+        with work.guard():
+            return _upscale_batch(args, spec, pairs, work.device, work)
+    except BaseException as exc:  # noqa: BLE001 - every failure of a rank ends it here, after the guard posted it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher stops the others now: say why first
+        known = (DistributedError, InputError, ValueError, FileNotFoundError, ModelsMissingError, NoPlanFits)
+        detail = str(exc) if isinstance(exc, known) else "".join(traceback.format_exception(exc))
+        print(f"error: [rank {work.rank}] {detail}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # leave at once: a collective another rank never joins would block the interpreter's exit
+        os._exit(EXIT_MODELS_MISSING if isinstance(exc, ModelsMissingError) else EXIT_FAILED)
+
+
+def _upscale_batch(args: argparse.Namespace, spec: RunSpec, pairs: list[tuple[Path, Path]], device: torch.device,
+                   work: Distributed) -> int:
+    """Skips, probes and spreads the videos over the ranks (rank 0 decides), loads the models once, processes.
+    Outside torchrun a video that fails (bad input, out of memory) is reported and the batch goes on, and Ctrl-C
+    stops with one line."""
+    tag = f"[rank {work.rank}] " if work.active else ""
+    plan = None
+    if work.is_main:
+        todo = [i for i, (_, dst) in enumerate(pairs) if not (args.skip_existing and dst.exists())]
+        for src, dst in (pairs[i] for i in sorted(set(range(len(pairs))) - set(todo))):
+            print(f"skip {src}: {dst} exists (--skip-existing)", file=sys.stderr)
+        checked, costs, errors = _probe(pairs, todo, spec, args.codec, args.crf)  # before loading any model
+        for error in errors:
+            print(error, file=sys.stderr)
+        plan = (checked, plan_batch(costs, work.world_size), len(errors), len(todo))
+    checked, batch, probe_failures, total = work.broadcast(plan, what="the batch plan")
+    failures = probe_failures if work.is_main else 0
+    if not checked:
+        return EXIT_FAILED if probe_failures else 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
     components = load_components(args, spec, device)
-    for done, (source, dst, file_spec) in enumerate(opened):
-        src = source.video.path
-        progress = Progress(src.name, enabled=not args.quiet)
+    log = _log if work.is_main else (lambda message: None)
 
-        def log(message: str, name: str = src.name) -> None:
-            _log(f"{name}: {message}")
+    def host_for(src: Path, **extra) -> HostContext:
+        return HostContext(device=device, progress=Progress(src.name, enabled=not args.quiet and work.is_main),
+                           log=lambda message: log(f"{src.name}: {message}"), **extra)
 
-        host = HostContext(device=device, progress=progress, log=log,
-                           memory_budget=memory_budget(args, components, device))
-        if dst.exists():
-            log(f"{dst} exists: it is replaced once the new video is complete (--skip-existing keeps it)")
-        started = time.perf_counter()
+    # the shared videos first, while the ranks are in step; then each rank's own videos, without communication
+    for position in batch.shared:
+        src, dst = pairs[checked[position]]
+        budget = shared_budget(work, memory_budget(args, components, device))
+        _upscale_one(src, dst, args, spec, components, host_for(src, distributed=work, memory_budget=budget), tag)
+    own = batch.own[work.rank]
+    for done, position in enumerate(own):
+        src, dst = pairs[checked[position]]
+        host = host_for(src, memory_budget=memory_budget(args, components, device))
         try:
-            audio = src if source.video.has_audio and not args.no_audio else None
-            sink = VideoFileSink(dst, codec=args.codec, crf=args.crf, audio_from=audio, source=source, log=log)
-            pipeline.run(source, sink, file_spec, components, host)
+            _upscale_one(src, dst, args, spec, components, host, tag)
         except (ValueError, FileNotFoundError) as exc:
             failures += 1
-            print(f"error: {src}: {exc}", file=sys.stderr)
-            continue
+            print(f"error: {tag}{src}: {exc}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - out of memory only (this video did not fit; the next may); others raise
             if not (isinstance(exc, MemoryError) or is_out_of_memory(exc, host.oom_errors)):
                 raise
             failures += 1
             free_cached_memory()
-            print(f"error: {src}: {out_of_memory_message(exc)}", file=sys.stderr)
-            continue
+            print(f"error: {tag}{src}: {out_of_memory_message(exc)}", file=sys.stderr)
         except KeyboardInterrupt:
-            progress.close()
-            print(f"interrupted: stopped during {src.name} (no output written for it); {done} of {len(opened)} "
+            if work.active:
+                raise
+            print(f"interrupted: stopped during {src.name} (no output written for it); {done} of {len(own)} "
                   "videos finished", file=sys.stderr)
             return EXIT_INTERRUPTED
-        finally:
-            progress.close()
-        print(f"{src} -> {dst} ({source.info.frames} frames, {time.perf_counter() - started:.1f} s)", file=sys.stderr)
-    if args.demo_tiny:
+    failures = work.finish(failures)  # every rank ends with the same status (torchrun stops all at the first error)
+    if args.demo_tiny and work.is_main:
         print("demo finished; reminder: the tiny models are random, so the video is noise.", file=sys.stderr)
-    if failures:
-        print(f"{failures} of {len(todo)} videos failed (see the errors above)", file=sys.stderr)
+    if failures and work.is_main:
+        print(f"{failures} of {total} videos failed (see the errors above)", file=sys.stderr)
     return EXIT_FAILED if failures else 0
 
 

@@ -14,10 +14,16 @@ clip. The CLI, the ComfyUI nodes, the tests and the benchmarks all call it, or t
 
 Progress and interruption go through the host: ``host.check_interrupt()`` runs before every model evaluation and
 every VAE tile, and progress arrives as :class:`~star_core.host.ProgressEvent`.
+
+Several processes (``torchrun``) share a run when ``host.distributed`` holds their
+:class:`~star_core.distributed.Distributed`: the encoder's frame windows, the sampler's windows at every
+evaluation and the decoder's windows are divided among the ranks (every rank calls the same functions with the
+same arguments), the result is bit-identical to one process, and only rank 0 re-reads the source and writes to the
+sink.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -120,7 +126,12 @@ def prepare_windows(windows: Iterable[torch.Tensor], geometry: Geometry) -> Iter
         `torch.Tensor`: [t,3,H_pad,W_pad] in [-1, 1], upscaled and padded.
     """
     for window in windows:
-        yield upscale_and_pad(frames_to_pixels(window), geometry)
+        yield prepare_window(window, geometry)
+
+
+def prepare_window(frames: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """One LR window [t,H,W,3] in 0..1 → [t,3,H_pad,W_pad] in [-1, 1], upscaled and padded for the encoder."""
+    return upscale_and_pad(frames_to_pixels(frames), geometry)
 
 
 def prepare_lr(
@@ -201,9 +212,14 @@ def encode_lr(
     host: HostContext | None = None,
     sizing: autosize.Sizing | None = None,
     options: EncodeSpec | None = None,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
     Encodes the prepared LR video to the scaled latent [1,4,F,h,w] (the ControlNet hint and the start point).
+
+    With several ranks (``host.distributed``), window ``k`` is encoded by rank ``k mod world`` and every rank gets
+    the whole latent; every rank draws every frame's posterior noise in frame order, so the latent is the one
+    process's, bit for bit.
 
     Parameters:
         vae (`star_core.vae.VideoVAE`): the video VAE.
@@ -217,11 +233,14 @@ def encode_lr(
         sizing (`star_core.autosize.Sizing`, *optional*), options (`EncodeSpec`, *optional*): instead of
             ``tiles``: the tiles of the sizing's plan with the options' overlap and mode; a window that runs out of
             memory is encoded again with smaller auto tiles (see :func:`encode_source`).
+        prepare (`Callable`, *optional*): turns each window into encoder input first (e.g. :func:`prepare_window`
+            on raw source windows); only the windows this rank encodes are prepared.
 
     Returns:
         `torch.Tensor`: float32 latent [1,4,F,h,w] on the VAE's device.
     """
     host = _host(host)
+    work = host.shared
     if sample and noise is None:
         raise ValueError("encode_lr: sample=True needs a RunNoise (seed or injected posterior_eps); "
                          "pass noise= or sample=False for the posterior mean")
@@ -230,29 +249,37 @@ def encode_lr(
     latent_h, latent_w = geometry.latent_size
     device, dtype = _vae_place(vae)
     channels = getattr(vae, "latent_channels", 4)
-    parts, done = [], 0
-    for window in pixels:
-        if tuple(window.shape[1:]) != (3, *geometry.padded_size):
-            raise ValueError(f"encode_lr: window of shape {tuple(window.shape)} is not [t,3,{geometry.padded_size[0]},"
-                             f"{geometry.padded_size[1]}]; prepare the frames with prepare_lr/prepare_windows")
+    parts, shapes, done = {}, [], 0
+    for index, window in enumerate(pixels):
         count = window.shape[0]
         if done + count > geometry.frames:
             raise ValueError(f"encode_lr: more frames than the geometry's {geometry.frames}")
         eps = noise.posterior_eps_window(done, count, (channels, latent_h, latent_w), device) if sample else None
-        progress = host.tile_callback("encode", done, count, geometry.frames)
-        if sizing is None:
-            part = vae.encode(window.to(device, dtype), eps, sample=sample, tiling=tiles, callback=progress)
-        else:
-            part = sizing.retry(lambda plan: vae.encode(
-                window.to(device, dtype), eps, sample=sample, callback=progress,
-                tiling=tiling(plan.encode_tile, options.tile_overlap, options.tile_mode,
-                              autosize.park(plan, "encode"))))
-        parts.append(part.to(torch.float32))
-        del part
+        shapes.append((1, channels, count, latent_h, latent_w))
+        if work is None or work.owner(index) == work.rank:
+            window = window if prepare is None else prepare(window)
+            if tuple(window.shape[1:]) != (3, *geometry.padded_size):
+                raise ValueError(f"encode_lr: window of shape {tuple(window.shape)} is not [t,3,"
+                                 f"{geometry.padded_size[0]},{geometry.padded_size[1]}]; prepare the frames with "
+                                 "prepare_lr/prepare_windows")
+            progress = host.tile_callback("encode", done, count, geometry.frames)
+            if sizing is None:
+                part = vae.encode(window.to(device, dtype), eps, sample=sample, tiling=tiles, callback=progress)
+            else:
+                part = sizing.retry(lambda plan: vae.encode(
+                    window.to(device, dtype), eps, sample=sample, callback=progress,
+                    tiling=tiling(plan.encode_tile, options.tile_overlap, options.tile_mode,
+                                  autosize.park(plan, "encode"))))
+            parts[index] = part.to(torch.float32)
+            del part
         done += count
     if done != geometry.frames:
         raise ValueError(f"encode_lr: got {done} frames, the geometry says {geometry.frames}")
-    latent = torch.cat(parts, dim=2)
+    if work is None:
+        ordered = [parts[index] for index in range(len(shapes))]
+    else:
+        ordered = work.exchange(parts, shapes, stage="encode", what="the LR latent's encode", device=device)
+    latent = torch.cat(ordered, dim=2)
     geometry.check_latent(latent)
     return latent
 
@@ -280,9 +307,8 @@ def encode_source(source: FrameSource, geometry: Geometry, vae, spec: RunSpec | 
     noise = RunNoise(seed) if sample_posterior else None
     window = encode_window(geometry)
     options, sizing = autosize.vae_sizing("encode", spec, geometry, vae, host, model=model, encode_window=window)
-    windows = prepare_windows(source.windows(window), geometry)
-    return encode_lr(vae, windows, geometry, noise, sample=sample_posterior, host=host, sizing=sizing,
-                     options=options)
+    return encode_lr(vae, source.windows(window), geometry, noise, sample=sample_posterior, host=host,
+                     sizing=sizing, options=options, prepare=lambda window: prepare_window(window, geometry))
 
 
 def model_function(model: torch.nn.Module) -> ModelFn:
@@ -378,7 +404,7 @@ def sample(
     return sample_star(model_fn, latent, positive.to(latent.device, torch.float32),
                        negative.to(latent.device, torch.float32), settings, start_noise=start_noise,
                        brownian=brownian, callback=on_step, on_evaluation=on_evaluation, grid=grid,
-                       replan=Replan(sizing.matches, smaller))
+                       replan=Replan(sizing.matches, smaller) if sizing.can_shrink else None, work=host.shared)
 
 
 def model_evaluations(settings: SamplerSettings, latent_shape: tuple[int, ...], levels: int | None = None) -> int:
@@ -411,6 +437,9 @@ def decode_pixels(vae, latent: torch.Tensor, geometry: Geometry, options: Decode
     arrive) and crops each to the target size: yields [t,3,H,W] in (about) [-1, 1], not clamped (the official
     `test()` return value, window by window). A frame leaves as soon as every window covering it is decoded.
 
+    With several ranks (``host.distributed``), window ``k`` is decoded (and cropped) by rank ``k mod world`` and
+    the windows reach rank 0 a round (one per rank) at a time; rank 0 yields the frames, the other ranks nothing.
+
     Parameters:
         vae (`star_core.vae.VideoVAE`): the video VAE.
         latent (`torch.Tensor`): [1,4,F,h,w] matching `geometry`.
@@ -431,16 +460,28 @@ def decode_pixels(vae, latent: torch.Tensor, geometry: Geometry, options: Decode
         tiles = tiling(plan.decode_tile, options.tile_overlap, options.tile_mode, autosize.park(plan, "decode"))
         return vae.decode(chunk, frames, 0, tiling=tiles, callback=progress).to(torch.float32)
 
-    def decoded() -> Iterator[torch.Tensor]:
-        for index, (start, stop) in enumerate(windows.spans):
-            chunk = latent[:, :, start:stop].to(device, dtype)
-            progress = host.tile_callback("decode", index, 1, len(windows))
-            # the windows are planned: only the tiles may shrink now
-            yield sizing.retry(lambda plan: decode_window(chunk, stop - start, progress, plan),
-                               ("decode_tile", "decode_park"))
+    def decoded(index: int) -> torch.Tensor:
+        start, stop = windows.spans[index]
+        chunk = latent[:, :, start:stop].to(device, dtype)
+        progress = host.tile_callback("decode", index, 1, len(windows))
+        # the windows are planned: only the tiles may shrink now
+        return sizing.retry(lambda plan: decode_window(chunk, stop - start, progress, plan),
+                            ("decode_tile", "decode_park"))
 
-    for window in windows.blend_stream(decoded()):
-        yield geometry.crop(window)
+    work = host.shared
+    if work is None:
+        for window in windows.blend_stream(decoded(index) for index in range(len(windows))):
+            yield geometry.crop(window)
+        return
+    # cropping before the blend gives the same values (both act per pixel) and sends fewer bytes
+    outputs = work.stream(len(windows), lambda index: geometry.crop(decoded(index)),
+                          lambda index: (windows.spans[index][1] - windows.spans[index][0], 3, *geometry.target_size),
+                          stage="decode", what="decode window", device=device)
+    if work.is_main:
+        yield from windows.blend_stream(outputs)
+    else:
+        for _ in outputs:  # this rank's windows go to rank 0
+            pass
 
 
 def decode(vae, latent: torch.Tensor, geometry: Geometry, options: DecodeSpec = DecodeSpec(), *,
@@ -496,9 +537,15 @@ def decode_to_sink(vae, latent: torch.Tensor, geometry: Geometry, source: FrameS
         source (`FrameSource`): the LR video the latent came from.
         sink (`FrameSink`): where the frames go.
         spec (`RunSpec`): decode and colour options.
-        host (`HostContext`, *optional*): progress, interrupt, memory budget.
+        host (`HostContext`, *optional*): progress, interrupt, memory budget; with several ranks only rank 0 reads
+            the source again and writes to the sink, the others decode their share of the windows.
         model (`torch.nn.Module`, *optional*): the network, whose weights count when the models stay resident.
     """
+    host = _host(host)
+    if host.shared is not None and not host.shared.is_main:
+        for _ in decode(vae, latent, geometry, spec.decode, host=host, model=model):
+            pass
+        return
     lr_frames = _Frames(source)
     sink.begin(geometry, source.info.fps)
     try:
