@@ -469,8 +469,11 @@ def test_row09_node_video_path_keeps_rotation_timestamps_and_audio(nodes, tmp_pa
 def test_row09_target_size_follows_the_displayed_orientation(tmp_path):
     clip = write_clip(tmp_path / "phone.mp4", rotation=90)  # stored 32 wide x 16 high, shown 16 wide x 32 high
     spec = DEFAULTS.with_options({"output.target": (64, 32)})  # what the user sees: portrait 32x64
-    (source, _, file_spec), = cli.open_inputs([(clip, tmp_path / "o.mp4")], spec, "h264", None)[0]
-    assert file_spec.output.target == (32, 64) and source.video.rotation == 90
+    notes = []
+    file_spec = cli._file_spec(spec, FileSource(clip), notes.append)
+    assert file_spec.output.target == (32, 64)
+    assert notes == ["phone.mp4: shown rotated by 90 degrees: --target-size 64x32 applies to the picture as shown, "
+                     "32x64 to the stored frames"]
 
 
 # -------------------------------------------------------------------------------------- row 10: NaN and Inf
