@@ -866,6 +866,38 @@ def test_row14_out_of_memory_at_the_smallest_plan_says_what_it_needs(run_cli, tm
     assert lines[2] == "1 of 1 videos failed (see the errors above)"
 
 
+def test_row14_node_decode_out_of_memory_is_retried_with_smaller_tiles(nodes, loaded, caplog):
+    """ComfyUI: STAR Tiled VAE Decode with tile 0 (auto) runs out of memory (ComfyUI's OOM type) in its first call:
+    the window is decoded again with smaller exact tiles, one log line says so, and the images equal an
+    uninterrupted run's (to float rounding)."""
+    import logging
+
+    import comfy.model_management as mm
+
+    latent = encode(nodes, loaded.vae, images=frames_of(2, 192, 256))[0]
+    reference = node_decode(nodes, loaded, latent)[0]
+    real_decode, faults = loaded.vae.decode, []
+
+    def out_of_memory_once(*args, **kwargs):
+        if not faults:
+            faults.append(1)
+            raise mm.OOM_EXCEPTION("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_decode(*args, **kwargs)
+
+    loaded.vae.decode = out_of_memory_once
+    try:
+        with caplog.at_level(logging.INFO, logger="star_vsr"):
+            images = node_decode(nodes, loaded, latent)[0]
+    finally:
+        del loaded.vae.decode
+    said = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert faults == [1] and len(said) == 1, said
+    assert said[0].startswith("out of memory during decode with decode whole frames") and "retrying with decode tile" \
+        in said[0], said
+    assert images.shape == reference.shape == (2, 384, 512, 3)
+    assert (images - reference).abs().max() < 1e-4
+
+
 def test_row14_other_runtime_errors_are_not_taken_for_out_of_memory(run_cli, tmp_path):
     """Only allocation failures are reported as 'out of memory'; any other error is a bug and keeps its traceback."""
     clip = write_synthetic_clip(tmp_path / "a.mp4", frames=2, width=16, height=16)
