@@ -32,8 +32,8 @@ class STARTiledVAEDecode(io.ComfyNode):
     def execute(cls, samples, vae, tile: int, tile_overlap: int, temporal_window: int,
                 temporal_overlap: int) -> io.NodeOutput:
         geometry = host.geometry_of(samples, "STAR Tiled VAE Decode samples")
-        spec = options.decode_spec("STAR Tiled VAE Decode", tile=tile, tile_overlap=tile_overlap, temporal_window=temporal_window,
-                                   temporal_overlap=temporal_overlap)
+        spec = options.decode_spec("STAR Tiled VAE Decode", tile=tile, tile_overlap=tile_overlap,
+                                   temporal_window=temporal_window, temporal_overlap=temporal_overlap)
         video = host.video_vae(vae)
         ctx = host.context(video.model)
         with ctx.scope():

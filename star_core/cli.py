@@ -582,7 +582,7 @@ def _upscale_batch(args: argparse.Namespace, spec: RunSpec, pairs: list[tuple[Pa
         except (ValueError, FileNotFoundError) as exc:
             failures += 1
             print(f"error: {tag}{src}: {exc}", file=sys.stderr)
-        except Exception as exc:  # noqa: BLE001 - out of memory only (this video did not fit; the next may); others raise
+        except Exception as exc:  # noqa: BLE001 - out of memory only (this video did not fit, the next may)
             if not (isinstance(exc, MemoryError) or is_out_of_memory(exc, host.oom_errors)):
                 raise
             failures += 1

@@ -331,9 +331,10 @@ def resolve_models(model: str = "light", *, vae: str | Path | None = None,
         star = comfy and find_comfy_star(comfy, model)
         star = star or _cached_or_downloaded(STAR_CHECKPOINTS[model], cache, offline, endpoint, problems)
         if not star and comfy is not None:
-            notes.append(f"No '{model}' checkpoint in the ComfyUI STAR folder: {folder_listing(comfy / COMFY_STAR[0])}.")
+            folder = comfy / COMFY_STAR[0]
+            notes.append(f"No '{model}' checkpoint in the ComfyUI STAR folder: {folder_listing(folder)}.")
             notes.extend(f"'{path.name}' is in {path.parent} (the '{path.parent.name}' folder): move it to "
-                         f"{comfy / COMFY_STAR[0]}." for path in find_misplaced_star(comfy, model))
+                         f"{folder}." for path in find_misplaced_star(comfy, model))
     else:
         star = explicit(model, "--model")
 

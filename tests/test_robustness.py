@@ -17,7 +17,6 @@ import shutil
 import sys
 from fractions import Fraction
 from pathlib import Path
-from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -137,8 +136,8 @@ class CLI:
     own `load_components` is called the first time, then its result is reused)."""
 
     def __init__(self, models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.base = ["--offline", "--comfy-models", str(models), "--model", str(models / "STAR" / "star_tiny.safetensors"),
-                     "--tokenizer", str(fetch_openclip_vocab())]
+        self.base = ["--offline", "--comfy-models", str(models), "--model",
+                     str(models / "STAR" / "star_tiny.safetensors"), "--tokenizer", str(fetch_openclip_vocab())]
         self.loaded: dict = {}
         self.loads = 0
         real = cli.load_components
@@ -533,7 +532,8 @@ def test_row10_nan_or_inf_in_node_inputs_is_an_error_before_sampling(nodes, load
      "--diffusion-tile-overlap (64 px) must be smaller than the tile (64x64 px)"),
     (["--diffusion-tile", "64x128", "--diffusion-tile-overlap", "80"],
      "--diffusion-tile-overlap (80 px) must be smaller than the tile (64x128 px)"),
-    (["--diffusion-tile", "0"], "--diffusion-tile must be two integers (height, width) in [8, 16384] pixels, got (0, 0)"),
+    (["--diffusion-tile", "0"],
+     "--diffusion-tile must be two integers (height, width) in [8, 16384] pixels, got (0, 0)"),
     (["--diffusion-tile", "-64"], "--diffusion-tile must be two integers (height, width) in [8, 16384] pixels"),
     (["--diffusion-tile", "20000x64"], "--diffusion-tile must be two integers (height, width) in [8, 16384] pixels"),
     (["--diffusion-tile-overlap", "-1"], "--diffusion-tile-overlap must be in [0, 16384], got -1"),
@@ -601,7 +601,8 @@ def node_decode(nodes, parts, latent, **overrides):
     ("encode", dict(seed=2**64), "STAR LR Encode: seed must be in [0, 18446744073709551615]"),
     ("decode", dict(temporal_window=2, temporal_overlap=2),
      "STAR Tiled VAE Decode: temporal_overlap (2) must be smaller than the decoder window (2)"),
-    ("decode", dict(temporal_window=257), "STAR Tiled VAE Decode: temporal_window must be in [1, 256] or auto, got 257"),
+    ("decode", dict(temporal_window=257),
+     "STAR Tiled VAE Decode: temporal_window must be in [1, 256] or auto, got 257"),
     ("decode", dict(temporal_window=0, temporal_overlap=3),
      "STAR Tiled VAE Decode: temporal_overlap (3) must be smaller than the decoder window (auto: at most 3)"),
     ("sample", dict(diffusion_tile=4), "STAR Sampler: diffusion_tile must be two integers (height, width) in [8, "
@@ -1002,7 +1003,7 @@ def test_row15_memory_is_released_after_cancelled_runs(demo_models):
     cancelled = [r for r in rows if not r["finished"]]
     assert [r["run"] for r in cancelled] == ["encode", "sample", "decode", "write"]
     assert all(r["files_left"] == [] for r in cancelled)
-    # bound: 10 MB above the warm full run (a model copy is 35 MB; the bench's 3 rounds measured +0.0 to +2.5 MB)
+    # bound: 10 MB above the warm full run (a model copy is 35 MB; two bench runs of 3 rounds: -1.3 to +2.5 MB)
     assert all(r["rss_mb"] - warm < 10 for r in rows[3:]), rows
 
 
@@ -1072,7 +1073,7 @@ def test_row16_queued_runs_alternating_checkpoints_keep_one_model(tmp_path):
 
     rows = robustness.measure_queue()
     assert [r["alive"] for r in rows[1:]] == [1, 1, 1, 1, 1], rows
-    # bound: runs 2-5 within 17 MB (half a tiny model copy, 35 MB) of each other; measured: 3.8-4.6 MB above run 1
+    # bound: runs 2-5 within 17 MB (half a tiny model copy, 35 MB) of each other; measured: +3.8 to +4.6 MB over run 1
     rss = [r["rss_mb"] for r in rows[2:]]
     assert max(rss) - min(rss) < 17 and rss[-1] - rows[1]["rss_mb"] < 17, rows
 
