@@ -49,8 +49,9 @@ class STARUpscale(io.ComfyNode):
                 vae_tile: int) -> io.NodeOutput:
         positive, negative = conditioning(clip, prompt, default("prompt.suffix"), default("prompt.negative_prompt"),
                                           "STAR Upscale")
-        spec = DEFAULTS.with_options({"output.scale": scale, "output.padding": padding, "seed": seed,
-                                      "encode.tile": vae_tile or AUTO, "decode.tile": vae_tile or AUTO})
+        with host.inputs_of("STAR Upscale"):
+            spec = DEFAULTS.with_options({"output.scale": scale, "output.padding": padding, "seed": seed,
+                                          "encode.tile": vae_tile or AUTO, "decode.tile": vae_tile or AUTO})
         source, audio_from = video_source(video)
         lr = host.encode_latent(vae, source, audio_from, spec)
         components = pipeline.Components(host.model_function(star_model), vae,
