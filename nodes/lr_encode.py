@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from star_core.frames import TensorSource
+from star_core.spec import default
 
 from . import host, options
 from .types import vae_input
@@ -34,6 +35,7 @@ class STARLREncode(io.ComfyNode):
                                        "own frame rate is used instead."),
                 *options.geometry_inputs(),
                 *options.encode_inputs(),
+                options.tile_mode_input("encode"),
             ],
             outputs=[io.Latent.Output(display_name="lr_latent"),
                      io.Image.Output(display_name="lr_images"),
@@ -42,7 +44,8 @@ class STARLREncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, fps: float, scale: float, target_width: int, target_height: int, padding: str,
-                posterior: str, seed: int, tile: int, tile_overlap: int, images=None, video=None) -> io.NodeOutput:
+                posterior: str, seed: int, tile: int, tile_overlap: int, images=None, video=None,
+                tile_mode: str = default("encode.tile_mode")) -> io.NodeOutput:
         if video is not None:
             components = video.get_components()
             images, fps = components.images, float(components.frame_rate)
@@ -50,5 +53,5 @@ class STARLREncode(io.ComfyNode):
             raise ValueError("STAR LR Encode: connect images (IMAGE frames) or video (VIDEO)")
         spec = options.encode_spec("STAR LR Encode", scale=scale, target_width=target_width,
                                    target_height=target_height, padding=padding, posterior=posterior, seed=seed,
-                                   tile=tile, tile_overlap=tile_overlap)
+                                   tile=tile, tile_overlap=tile_overlap, tile_mode=tile_mode)
         return io.NodeOutput(host.encode_latent(vae, TensorSource(images, fps), None, spec), images, fps)

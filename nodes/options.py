@@ -8,6 +8,7 @@ from star_core.colour import COLOUR_METHODS
 from star_core.geometry import PADDING_MODES
 from star_core.options import AUTO
 from star_core.spec import DEFAULTS, RunSpec, default
+from star_core.vae.base import TILING_MODES
 
 from . import host
 
@@ -47,8 +48,18 @@ def encode_inputs() -> list:
                      tooltip="Spatial encoder tile in pixels (multiple of 8); 0 = auto: whole frames (official) "
                              "when they fit ComfyUI's free memory, else the largest exact tile that does."),
         io.Int.Input("tile_overlap", default=default("encode.tile_overlap"), min=0, max=1024, step=8,
-                     tooltip="Overlap of neighbouring encoder tiles in pixels (multiple of 8)."),
+                     tooltip="Overlap of neighbouring encoder tiles in pixels (multiple of 8); fast tiles only "
+                             "(exact tiles need none)."),
     ]
+
+
+def tile_mode_input(stage: str) -> io.Combo.Input:
+    """Exact or fast VAE tiles (optional and last, so workflows saved before it keep their widget positions)."""
+    return io.Combo.Input("tile_mode", options=list(TILING_MODES), default=default(f"{stage}.tile_mode"),
+                          optional=True,
+                          tooltip="exact: tiles give the untiled VAE's result (whole-frame normalisation and "
+                                  "attention; the default). fast: independent overlapping tiles blended over "
+                                  "tile_overlap (less memory traffic, visibly different on non-uniform content).")
 
 
 def decode_inputs() -> list:
@@ -59,7 +70,8 @@ def decode_inputs() -> list:
                              "(official) when they fit ComfyUI's free memory, else the largest exact tile that "
                              "does. Smaller tiles need less memory."),
         io.Int.Input("tile_overlap", default=default("decode.tile_overlap"), min=0, max=1024, step=8,
-                     tooltip="Overlap of neighbouring tiles in pixels (multiple of 8), feather-blended."),
+                     tooltip="Overlap of neighbouring tiles in pixels (multiple of 8), feather-blended; fast "
+                             "tiles only (exact tiles need none)."),
         io.Int.Input("temporal_window", default=0, min=0, max=256,
                      tooltip="Frames per temporal-decoder call (official 3); 0 = auto: 3, or fewer when 3 do not "
                              "fit ComfyUI's free memory."),
@@ -88,22 +100,24 @@ def target_of(target_width: int, target_height: int, node: str) -> tuple[int, in
 
 
 def encode_spec(node: str, *, scale: float, target_width: int, target_height: int, padding: str, posterior: str,
-                seed: int, tile: int, tile_overlap: int, spec: RunSpec = DEFAULTS) -> RunSpec:
+                seed: int, tile: int, tile_overlap: int, tile_mode: str = default("encode.tile_mode"),
+                spec: RunSpec = DEFAULTS) -> RunSpec:
     """The run spec of the geometry and encode widgets (0 = auto for tiles, 0 = off for targets); errors name
     `node`'s input."""
     target = target_of(target_width, target_height, node)
     with host.inputs_of(node):
         return spec.with_options({"output.scale": scale, "output.target": target, "output.padding": padding,
                                   "encode.posterior": posterior, "encode.tile": tile or AUTO,
-                                  "encode.tile_overlap": tile_overlap, "seed": seed})
+                                  "encode.tile_overlap": tile_overlap, "encode.tile_mode": tile_mode, "seed": seed})
 
 
 def decode_spec(node: str, *, tile: int, tile_overlap: int, temporal_window: int, temporal_overlap: int,
                 method: str = default("colour.method"), strength: float = default("colour.strength"),
-                spec: RunSpec = DEFAULTS) -> RunSpec:
+                tile_mode: str = default("decode.tile_mode"), spec: RunSpec = DEFAULTS) -> RunSpec:
     """The run spec of the decode (and colour) widgets (0 = auto for the tile and the window); errors name `node`'s
     input."""
     with host.inputs_of(node):
         return spec.with_options({"decode.tile": tile or AUTO, "decode.tile_overlap": tile_overlap,
+                                  "decode.tile_mode": tile_mode,
                                   "decode.window": temporal_window or AUTO, "decode.window_overlap": temporal_overlap,
                                   "colour.method": method, "colour.strength": strength})

@@ -5,6 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from star_core import pipeline
+from star_core.spec import default
 
 from . import host, options
 from .types import vae_input
@@ -24,16 +25,18 @@ class STARTiledVAEDecode(io.ComfyNode):
                 io.Latent.Input("samples", tooltip="From STAR Sampler (or STAR LR Encode)."),
                 vae_input("The same SVD VAE that encoded the LR latent."),
                 *options.decode_inputs(),
+                options.tile_mode_input("decode"),
             ],
             outputs=[io.Image.Output(display_name="images")],
         )
 
     @classmethod
-    def execute(cls, samples, vae, tile: int, tile_overlap: int, temporal_window: int,
-                temporal_overlap: int) -> io.NodeOutput:
+    def execute(cls, samples, vae, tile: int, tile_overlap: int, temporal_window: int, temporal_overlap: int,
+                tile_mode: str = default("decode.tile_mode")) -> io.NodeOutput:
         geometry = host.geometry_of(samples, "STAR Tiled VAE Decode samples")
         spec = options.decode_spec("STAR Tiled VAE Decode", tile=tile, tile_overlap=tile_overlap,
-                                   temporal_window=temporal_window, temporal_overlap=temporal_overlap)
+                                   temporal_window=temporal_window, temporal_overlap=temporal_overlap,
+                                   tile_mode=tile_mode)
         video = host.video_vae(vae)
         ctx = host.context(video.model)
         with ctx.scope():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from star_core.spec import default
 from . import host, options
 from .types import vae_input
 from .video import STARVideo
@@ -23,17 +24,18 @@ class STARVideoDecode(io.ComfyNode):
                 vae_input("The same SVD VAE that encoded the LR latent."),
                 *options.decode_inputs(),
                 *options.colour_inputs(),
+                options.tile_mode_input("decode"),
             ],
             outputs=[io.Video.Output(display_name="video")],
         )
 
     @classmethod
     def execute(cls, samples, vae, tile: int, tile_overlap: int, temporal_window: int, temporal_overlap: int,
-                method: str, strength: float) -> io.NodeOutput:
+                method: str, strength: float, tile_mode: str = default("decode.tile_mode")) -> io.NodeOutput:
         name = "STAR Decode Video samples"
         geometry = host.geometry_of(samples, name)
         spec = options.decode_spec("STAR Decode Video", tile=tile, tile_overlap=tile_overlap,
                                    temporal_window=temporal_window, temporal_overlap=temporal_overlap,
-                                   method=method, strength=strength)
+                                   method=method, strength=strength, tile_mode=tile_mode)
         source, audio_from = host.source_of(samples, name)
         return io.NodeOutput(STARVideo(samples["samples"], geometry, vae, spec, source, audio_from))

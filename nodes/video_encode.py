@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from star_core.spec import default
 from . import host, options
 from .types import vae_input
 from .video import video_source
@@ -23,16 +24,18 @@ class STARVideoEncode(io.ComfyNode):
                 io.Video.Input("video", tooltip="Low-resolution VIDEO (Load Video). Its fps and audio are kept."),
                 *options.geometry_inputs(),
                 *options.encode_inputs(),
+                options.tile_mode_input("encode"),
             ],
             outputs=[io.Latent.Output(display_name="lr_latent")],
         )
 
     @classmethod
     def execute(cls, vae, video, scale: float, target_width: int, target_height: int, padding: str,
-                posterior: str, seed: int, tile: int, tile_overlap: int) -> io.NodeOutput:
+                posterior: str, seed: int, tile: int, tile_overlap: int,
+                tile_mode: str = default("encode.tile_mode")) -> io.NodeOutput:
         source, audio_from = video_source(video)
         spec = options.encode_spec("STAR Encode Video", scale=scale, target_width=target_width,
                                    target_height=target_height, padding=padding, posterior=posterior, seed=seed,
-                                   tile=tile, tile_overlap=tile_overlap)
+                                   tile=tile, tile_overlap=tile_overlap, tile_mode=tile_mode)
         return io.NodeOutput(host.encode_latent(vae, source, audio_from, spec))
 

@@ -607,6 +607,11 @@ def node_decode(nodes, parts, latent, **overrides):
      "STAR Tiled VAE Decode: temporal_overlap (3) must be smaller than the decoder window (auto: at most 3)"),
     ("sample", dict(diffusion_tile=4), "STAR Sampler: diffusion_tile must be two integers (height, width) in [8, "
                                        "16384] pixels, got (4, 4)"),
+    ("decode", dict(tile=64, tile_overlap=64, tile_mode="fast"),
+     "STAR Tiled VAE Decode: tile overlap 64 px must be smaller than the tile size 64 px"),
+    ("encode", dict(tile=32, tile_overlap=40, tile_mode="fast"),
+     "STAR LR Encode: tile overlap 40 px must be smaller than the tile size 32 px"),
+    ("encode", dict(tile_mode="smooth"), "STAR LR Encode: tile_mode must be one of exact, fast; got 'smooth'"),
 ])
 def test_row11_node_validation_names_the_input_and_range(nodes, loaded, lr_latent, node, inputs, message):
     run = {"sample": lambda: sample(nodes, loaded, lr_latent, **inputs),

@@ -37,6 +37,8 @@ NODE_OPTIONS = {
     ("STARSampler", "diffusion_tile"): ("sampler.tile", AUTO_IF_ZERO),
     ("STARSampler", "chunk_overlap"): ("sampler.overlap", lambda v: None if v < 0 else v),
     ("STARSampler", "fusion"): ("sampler.fusion", None),
+    ("STARLREncode", "tile_mode"): ("encode.tile_mode", None),
+    ("STARTiledVAEDecode", "tile_mode"): ("decode.tile_mode", None),
     ("STARTiledVAEDecode", "tile"): ("decode.tile", AUTO_IF_ZERO),
     ("STARTiledVAEDecode", "tile_overlap"): ("decode.tile_overlap", None),
     ("STARTiledVAEDecode", "temporal_window"): ("decode.window", AUTO_IF_ZERO),
