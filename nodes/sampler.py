@@ -61,10 +61,12 @@ class STARSampler(io.ComfyNode):
         settings = SamplerSettings(mode=solver_mode, steps=steps, cfg=cfg, rescale=rescale,
                                    t_max=t_max_for_denoise(denoise), chunk_len=chunk_length,
                                    overlap=None if chunk_overlap < 0 else chunk_overlap, fusion=fusion)
+        width = star_model.model.config.context_dim
+        positive = host.conditioning_context(positive, "positive", width)
+        negative = host.conditioning_context(negative, "negative", width)
         model_fn = host.model_function(star_model)
         latent = lr_latent["samples"].to(star_model.load_device)
         ctx = host.context()
         with ctx.scope():
-            out = pipeline.sample(model_fn, latent, host.conditioning_context(positive, "positive"),
-                                  host.conditioning_context(negative, "negative"), settings, RunNoise(seed), host=ctx)
+            out = pipeline.sample(model_fn, latent, positive, negative, settings, RunNoise(seed), host=ctx)
         return io.NodeOutput({"samples": host.to_output(out), host.GEOMETRY_KEY: lr_latent[host.GEOMETRY_KEY]})
