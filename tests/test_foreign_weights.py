@@ -180,3 +180,28 @@ def test_conditioning_of_another_text_encoder_is_refused_by_the_network(fixtures
                                          r"but this STAR model reads 1024-wide text context\. STAR needs the OpenCLIP "
                                          r"ViT-H/14 text encoder"):
         model(x, torch.tensor([500]), torch.zeros(1, 77, 768), x)
+
+
+def test_cli_text_encoder_of_another_width_fails_before_the_video_is_encoded(tmp_path, capsys):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from star_core.text.vocab import fetch_openclip_vocab
+    from star_core.tiny_models import random_weights, write_tree
+
+    write_tree(tmp_path / "models", ["star", "vae_tiny"])
+    config = CLIPTextConfig(hidden_size=768, intermediate_size=768, num_hidden_layers=2, num_attention_heads=12)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in CLIPTextModel(config).state_dict().items() if "position_ids" not in k}
+    clip_l = tmp_path / "clip_l.safetensors"
+    save_file(random_weights(shapes, 0), str(clip_l))
+    clip = write_synthetic_clip(tmp_path / "in.mp4", frames=2, width=32, height=16)
+    code = cli.main(["upscale", str(clip), "-o", str(tmp_path / "out.mp4"), "--offline", "--quiet",
+                     "--model", str(tmp_path / "models" / "STAR" / "star_tiny.safetensors"),
+                     "--vae", str(tmp_path / "models" / "vae" / "svd_vae_tiny.safetensors"),
+                     "--text-encoder", str(clip_l), "--tokenizer", str(fetch_openclip_vocab()), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_FAILED and err.count("\n") == 1, err
+    assert err.startswith(f"error: the context of --text-encoder {clip_l} is 768 wide, from a CLIP ViT-L/14 text "
+                          "encoder (SD 1.x), but this STAR model reads 1024-wide text context. STAR needs the "
+                          "OpenCLIP ViT-H/14 text encoder"), err
+    assert not (tmp_path / "out.mp4").exists()
