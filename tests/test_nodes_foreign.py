@@ -25,7 +25,31 @@ def nodes(tmp_path_factory) -> dict:
     save_file(sd15_checkpoint(), str(root / "STAR" / "v1-5-pruned-emaonly.safetensors"))
     shapes = {k: tuple(v.shape) for k, v in _meta(_image_vae).items()}
     save_file(random_weights(shapes, 0), str(root / "vae" / "sd_image_vae.safetensors"))
+    (root / "STAR" / "light_deg_partial.safetensors").write_bytes(b"")
+    torch.save({"state_dict": {"out.2.bias": torch.zeros(4)}, "payload": Payload(root / "pwned.txt")},
+               root / "STAR" / "heavy_deg_evil.pt")
     return harness.node_classes(harness.load_pack(root))
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code from the checkpoint ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_model_loader_names_a_broken_file_and_refuses_code(nodes):
+    import folder_paths
+
+    with pytest.raises(ValueError, match=r"light_deg_partial\.safetensors is empty \(0 bytes\)"):
+        harness.run(nodes["STARModelLoader"], ckpt_name="light_deg_partial.safetensors", weight_dtype="auto")
+    with pytest.raises(ValueError, match=r"refusing to load .*heavy_deg_evil\.pt: unpickling it would call"):
+        harness.run(nodes["STARModelLoader"], ckpt_name="heavy_deg_evil.pt", weight_dtype="auto")
+    models_dir = Path(folder_paths.get_folder_paths("STAR")[0]).parent
+    assert not (models_dir / "pwned.txt").exists()
 
 
 def test_model_loader_names_another_checkpoint(nodes):
