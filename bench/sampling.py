@@ -61,7 +61,7 @@ def measure(kind: str, frames: int, settings: SamplerSettings) -> dict:
     start = time.perf_counter()
     sample_star(_counted(model, calls), lr, positive, negative, settings, start_noise=noise, brownian=0)
     seconds = time.perf_counter() - start
-    chunks = len(plan_chunks(frames, settings.chunk_len, settings.overlap, settings.fusion).windows)
+    chunks = len(plan_chunks(frames, settings.chunk_len, settings.overlap, settings.fusion))
     return {"model": kind, "F": frames, "chunk_len": settings.chunk_len, "chunks": chunks, "evals": len(calls),
             "seconds": seconds, "s_per_eval": seconds / len(calls),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -95,7 +95,7 @@ def fusion_study(frames: int, chunk_len: int, steps: int) -> list[dict]:
         out, evaluated = run(fusion, chunk_len, overlap)
         plan = plan_chunks(frames, chunk_len, overlap, fusion)
         rows.append({
-            "fusion": fusion, "overlap": plan.windows[0][1] - plan.windows[1][0], "chunks": len(plan.windows),
+            "fusion": fusion, "overlap": plan.spans[0][1] - plan.spans[1][0], "chunks": len(plan),
             "frame_evals_vs_unchunked": evaluated / ref_frames,
             "dev": ((out - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item(),
             "seam": (frame_diffs(out) / ref_diffs - 1).max().item(),

@@ -7,6 +7,10 @@ from .model_loader import STARModelLoader
 from .sampler import STARSampler
 from .text_encode import STARTextEncode
 from .tiled_decode import STARTiledVAEDecode
+from .upscale import STARUpscale
 from .vae_loader import STARVAELoader
+from .video_decode import STARVideoDecode
+from .video_encode import STARVideoEncode
 
-NODES = [STARModelLoader, STARVAELoader, STARTextEncode, STARLREncode, STARSampler, STARTiledVAEDecode, STARColourFix]
+NODES = [STARModelLoader, STARVAELoader, STARTextEncode, STARUpscale, STARVideoEncode, STARLREncode, STARSampler,
+         STARVideoDecode, STARTiledVAEDecode, STARColourFix]

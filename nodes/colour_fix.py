@@ -4,10 +4,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from star_core import pipeline
-from star_core.colour import COLOUR_METHODS
-from star_core.spec import default
 
-from . import host
+from . import host, options
 
 
 class STARColourFix(io.ComfyNode):
@@ -21,12 +19,7 @@ class STARColourFix(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", tooltip="Restored frames (STAR Tiled VAE Decode)."),
                 io.Image.Input("lr_images", tooltip="The LR frames they came from (same frame count)."),
-                io.Combo.Input("method", options=list(COLOUR_METHODS), default=default("colour.method"),
-                               tooltip="adain: per-frame mean/std matching (official). wavelet: keeps the restored "
-                                       "detail, takes low frequencies from the LR frames. none: no change."),
-                io.Float.Input("strength", default=default("colour.strength"), min=0.0, max=1.0, step=0.05,
-                               tooltip="1 = the colour-fixed restored frames; 0 = the bilinear-upscaled LR frames; values between "
-                                       "blend (tones down over-sharpened or invented detail)."),
+                *options.colour_inputs(),
             ],
             outputs=[io.Image.Output(display_name="images")],
         )

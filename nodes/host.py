@@ -4,6 +4,7 @@ Everything here is ComfyUI-specific plumbing; the numbers are computed by star_c
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 
@@ -23,6 +24,8 @@ from star_core.vae import SVDVideoVAE, build_vae
 CATEGORY = "STAR"
 # Keys the STAR nodes add to a ComfyUI LATENT dict (next to "samples").
 GEOMETRY_KEY = "star_geometry"
+SEED_KEY = "star_seed"  # the run's seed: LR Encode drew the posterior noise from it, the sampler continues it
+SOURCE_KEY = "star_source"  # (FrameSource, audio file or None): the LR frames, read again by STAR Decode Video
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 for _name in ("float8_e4m3fn", "float8_e5m2"):
@@ -78,25 +81,59 @@ def check_model_file(folder: str, name: str, input_name: str) -> bool | str:
 
 
 class Progress:
-    """star_core's progress events → a ComfyUI progress bar per stage."""
+    """star_core's progress events → a ComfyUI progress bar per stage; the sampler's x0 as the bar's preview image
+    where the host makes previews (``--preview-method``, or the frontend's choice on 0.33)."""
 
     def __init__(self) -> None:
         self.bars: dict[str, comfy.utils.ProgressBar] = {}
+        self._previewer = None
 
     def __call__(self, event: ProgressEvent) -> None:
         bar = self.bars.get(event.stage)
         if bar is None:
             bar = self.bars[event.stage] = comfy.utils.ProgressBar(event.total)
-        bar.update_absolute(event.done, event.total)
+        bar.update_absolute(event.done, event.total, self.preview(event.x0))
+
+    def preview(self, x0: torch.Tensor | None):
+        """("JPEG", PIL image, max size) of the first frame of an x0 [1,4,F,h,w], or None without a previewer."""
+        if x0 is None:
+            return None
+        if self._previewer is None:
+            self._previewer = previewer() or False
+        if self._previewer is False:
+            return None
+        return self._previewer.decode_latent_to_preview_image("JPEG", x0[:, :, 0].float())
+
+
+def previewer():
+    """ComfyUI's latent previewer for STAR's latent space (the SD 2.x VAE's: SD15 latent format), or None when
+    previews are off."""
+    import latent_preview
+    from comfy import latent_formats
+
+    return latent_preview.get_previewer(mm.get_torch_device(), latent_formats.SD15())
+
+
+def attention_for(device: torch.device):
+    """ComfyUI's attention (the one its flags chose: sage, flash, xformers, pytorch, ...) on accelerators; on the CPU
+    star_core's SDPA, which is faster there than ComfyUI's CPU choice (sub-quadratic)."""
+    if device.type == "cpu":
+        return None
+    from comfy.ldm.modules.attention import optimized_attention
+
+    return lambda q, k, v, heads: optimized_attention(q, k, v, heads)
 
 
 def context() -> HostContext:
-    """The host context of one node execution: ComfyUI's device, progress bars and Cancel."""
-    return HostContext(device=mm.get_torch_device(), progress=Progress(),
-                       interrupt=mm.throw_exception_if_processing_interrupted)
+    """The host context of one node execution: ComfyUI's device, attention and free memory, progress bars with
+    previews, Cancel, ComfyUI's out-of-memory type."""
+    device = mm.get_torch_device()
+    return HostContext(device=device, progress=Progress(), interrupt=mm.throw_exception_if_processing_interrupted,
+                       attention=attention_for(device), memory_budget=mm.get_free_memory(device),
+                       log=logging.getLogger("star_vsr").info, oom_errors=(mm.OOM_EXCEPTION,))
 
 
-class _VAEHolder(torch.nn.Module):
+class SVD_VAE(torch.nn.Module):  # noqa: N801 - ComfyUI logs "Requested to load <class name>" to the user
     """A plain container, so ComfyUI's ModelPatcher can move the diffusers VAE (whose `device` is read-only)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -134,7 +171,7 @@ def video_vae(vae) -> SVDVideoVAE:
     patcher = _patchers.get(video)
     if patcher is None:
         size = sum(p.numel() * p.element_size() for p in video.model.parameters())
-        patcher = _patchers[video] = ModelPatcher(_VAEHolder(video.model), load_device=mm.vae_device(),
+        patcher = _patchers[video] = ModelPatcher(SVD_VAE(video.model), load_device=mm.vae_device(),
                                                   offload_device=mm.vae_offload_device(), size=size)
     mm.load_models_gpu([patcher], force_full_load=True)  # diffusers layers cannot be partially loaded
     return video
@@ -162,6 +199,44 @@ def geometry_of(latent: dict, name: str):
     if not isinstance(latent, dict) or GEOMETRY_KEY not in latent:
         raise ValueError(f"{name}: this LATENT has no STAR geometry; make it with STAR LR Encode (and STAR Sampler)")
     return Geometry.from_dict(latent[GEOMETRY_KEY])
+
+
+def seed_of(latent: dict, name: str) -> int:
+    """
+    The run's seed STAR LR Encode stored in the latent: the sampler re-seeds the run's stream with it, so the start
+    noise and the SDE noise follow the posterior noise in the documented order (`star_core.seeds`).
+    """
+    seed = latent.get(SEED_KEY) if isinstance(latent, dict) else None
+    if seed is None:
+        raise ValueError(f"{name}: this LATENT has no STAR seed; make it with STAR LR Encode (which holds the run's "
+                         "seed)")
+    return int(seed)
+
+
+def encode_latent(vae, source, audio_from: str | None, spec) -> dict:
+    """
+    Encodes a `FrameSource` window by window (`pipeline.encode_source`) into a STAR LATENT: the samples plus the
+    geometry, the run's seed and the source (with the file holding its audio) for decoding later.
+    """
+    geometry = pipeline.plan(source.info, spec)
+    ctx = context()
+    with ctx.scope():
+        latent = pipeline.encode_source(source, geometry, video_vae(vae), spec, host=ctx)
+    return {"samples": to_output(latent), GEOMETRY_KEY: geometry.to_dict(), SEED_KEY: spec.seed,
+            SOURCE_KEY: (source, audio_from)}
+
+
+def source_of(latent: dict, name: str):
+    """(FrameSource, audio file or None) of the LR frames a STAR latent was encoded from."""
+    if not isinstance(latent, dict) or SOURCE_KEY not in latent:
+        raise ValueError(f"{name}: this LATENT does not remember its video; make it with STAR Encode Video or STAR LR "
+                         "Encode (and STAR Sampler)")
+    return latent[SOURCE_KEY]
+
+
+def star_keys(latent: dict) -> dict:
+    """The STAR entries of a LATENT (everything but the samples)."""
+    return {key: value for key, value in latent.items() if key.startswith("star_")}
 
 
 def to_output(frames: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,12 @@ from star_core.diffusion.chunking import FUSIONS
 from star_core.diffusion.schedule import MODES, t_max_for_denoise
 from star_core.diffusion.star_sampling import SamplerSettings
 from star_core.seeds import RunNoise
-from star_core.spec import default
+from star_core.spec import FAST_MODE_STEPS, default
 
 from . import host
 from .types import STARModel
+
+MAX_STEPS = 1000
 
 
 class STARSampler(io.ComfyNode):
@@ -22,19 +24,19 @@ class STARSampler(io.ComfyNode):
             display_name="STAR Sampler",
             category=host.CATEGORY,
             description="Restores the LR latent with STAR: diffuse to the start level, then DPM++ 2M SDE with "
-                        "classifier-free guidance + rescale, in temporal chunks for long videos.",
+                        "classifier-free guidance + rescale, in temporal chunks for long videos. The noise comes "
+                        "from the seed set on STAR LR Encode (one seed per run).",
             inputs=[
                 STARModel.Input("star_model", tooltip="From STAR Model Loader."),
                 io.Conditioning.Input("positive", tooltip="Caption conditioning (STAR Text Encode positive)."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning (STAR Text Encode negative)."),
                 io.Latent.Input("lr_latent", tooltip="From STAR LR Encode: the ControlNet hint and start point."),
-                io.Int.Input("seed", default=default("seed"), min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the start noise and the SDE noise (official: 666)."),
                 io.Combo.Input("solver_mode", options=list(MODES), default=default("sampler.mode"),
-                               tooltip="fast: the official 14 model evaluations (steps ignored). normal: `steps` "
-                                       "evenly spaced evaluations."),
-                io.Int.Input("steps", default=default("sampler.steps"), min=2, max=1000,
-                             tooltip="Model evaluations in normal mode (ignored in fast mode)."),
+                               tooltip="fast: STAR's fixed 15-step schedule (official; steps must stay 15). normal: "
+                                       "`steps` evenly spaced steps."),
+                io.Int.Input("steps", default=default("sampler.steps"), min=2, max=MAX_STEPS,
+                             tooltip="Steps in normal mode. Fast mode always runs its fixed 15-step schedule, so "
+                                     "any other value there is rejected rather than silently ignored."),
                 io.Float.Input("cfg", default=default("sampler.cfg"), min=1.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale (official 7.5; 1 skips the negative pass)."),
                 io.Float.Input("rescale", default=default("sampler.rescale"), min=0.0, max=1.0, step=0.01,
@@ -55,9 +57,23 @@ class STARSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, star_model, positive, negative, lr_latent, seed: int, solver_mode: str, steps: int, cfg: float,
+    def validate_inputs(cls, solver_mode: str, steps: int) -> bool | str:
+        # Naming these inputs turns off ComfyUI's own range/option checks for them, so all of it is checked here.
+        if solver_mode not in MODES:
+            return f"solver_mode: '{solver_mode}' is not one of {', '.join(MODES)}"
+        if not 2 <= steps <= MAX_STEPS:
+            return f"steps: {steps} is outside 2..{MAX_STEPS}"
+        if solver_mode == "fast" and steps != FAST_MODE_STEPS:
+            return (f"steps: {steps} does nothing in solver_mode fast, which always runs STAR's fixed "
+                    f"{FAST_MODE_STEPS}-step schedule; set steps to {FAST_MODE_STEPS}, or solver_mode to normal to "
+                    f"use {steps} steps")
+        return True
+
+    @classmethod
+    def execute(cls, star_model, positive, negative, lr_latent, solver_mode: str, steps: int, cfg: float,
                 rescale: float, denoise: float, chunk_length: int, chunk_overlap: int, fusion: str) -> io.NodeOutput:
         host.geometry_of(lr_latent, "STAR Sampler lr_latent")
+        seed = host.seed_of(lr_latent, "STAR Sampler lr_latent")
         settings = SamplerSettings(mode=solver_mode, steps=steps, cfg=cfg, rescale=rescale,
                                    t_max=t_max_for_denoise(denoise), chunk_len=chunk_length,
                                    overlap=None if chunk_overlap < 0 else chunk_overlap, fusion=fusion)
@@ -69,4 +85,5 @@ class STARSampler(io.ComfyNode):
         ctx = host.context()
         with ctx.scope():
             out = pipeline.sample(model_fn, latent, positive, negative, settings, RunNoise(seed), host=ctx)
-        return io.NodeOutput({"samples": host.to_output(out), host.GEOMETRY_KEY: lr_latent[host.GEOMETRY_KEY]})
+        # the STAR keys (geometry, seed, the source for STAR Decode Video) travel on with the sampled latent
+        return io.NodeOutput(host.star_keys(lr_latent) | {"samples": host.to_output(out)})

@@ -36,9 +36,14 @@ class STARTextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip, prompt: str, suffix: str, negative_prompt: str) -> io.NodeOutput:
-        if clip is None:
-            raise ValueError("STAR Text Encode: clip is empty; the checkpoint has no text encoder, load one with "
-                             "Load CLIP (type stable_diffusion)")
-        tokenizer = host.clip_tokenizer(clip) if suffix == "protected" else None
-        caption = build_caption(prompt, suffix=suffix, tokenizer=tokenizer)
-        return io.NodeOutput(host.encode_text(clip, caption), host.encode_text(clip, negative_prompt))
+        return io.NodeOutput(*conditioning(clip, prompt, suffix, negative_prompt, "STAR Text Encode"))
+
+
+def conditioning(clip, prompt: str, suffix: str, negative_prompt: str, node: str) -> tuple[list, list]:
+    """STAR's positive (caption = prompt + suffix) and negative CONDITIONING from a core CLIP."""
+    if clip is None:
+        raise ValueError(f"{node}: clip is empty; the checkpoint has no text encoder, load one with Load CLIP "
+                         "(type stable_diffusion)")
+    tokenizer = host.clip_tokenizer(clip) if suffix == "protected" else None
+    caption = build_caption(prompt, suffix=suffix, tokenizer=tokenizer)
+    return host.encode_text(clip, caption), host.encode_text(clip, negative_prompt)

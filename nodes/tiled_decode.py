@@ -5,10 +5,8 @@ import torch
 from comfy_api.latest import io
 
 from star_core import pipeline
-from star_core.spec import DecodeSpec
-from star_core.spec import default
 
-from . import host
+from . import host, options
 from .types import vae_input
 
 
@@ -25,15 +23,7 @@ class STARTiledVAEDecode(io.ComfyNode):
             inputs=[
                 io.Latent.Input("samples", tooltip="From STAR Sampler (or STAR LR Encode)."),
                 vae_input("The same SVD VAE that encoded the LR latent."),
-                io.Int.Input("tile", default=0, min=0, max=8192, step=8,
-                             tooltip="Spatial tile edge in output pixels (multiple of 8); 0 = whole frames "
-                                     "(official). Smaller tiles need less memory."),
-                io.Int.Input("tile_overlap", default=default("decode.tile_overlap"), min=0, max=1024, step=8,
-                             tooltip="Overlap of neighbouring tiles in pixels (multiple of 8), feather-blended."),
-                io.Int.Input("temporal_window", default=default("decode.window"), min=1, max=256,
-                             tooltip="Frames per temporal-decoder call (official 3)."),
-                io.Int.Input("temporal_overlap", default=default("decode.window_overlap"), min=0, max=255,
-                             tooltip="Frames shared by neighbouring windows, blended (official 0)."),
+                *options.decode_inputs(),
             ],
             outputs=[io.Image.Output(display_name="images")],
         )
@@ -45,10 +35,10 @@ class STARTiledVAEDecode(io.ComfyNode):
         if temporal_overlap >= temporal_window:
             raise ValueError(f"STAR Tiled VAE Decode: temporal_overlap ({temporal_overlap}) must be smaller than "
                              f"temporal_window ({temporal_window})")
-        options = DecodeSpec(window=temporal_window, window_overlap=temporal_overlap, tile=tile or None,
-                             tile_overlap=tile_overlap)
+        spec = options.decode_spec(tile=tile, tile_overlap=tile_overlap, temporal_window=temporal_window,
+                                   temporal_overlap=temporal_overlap)
         ctx = host.context()
         with ctx.scope():
-            windows = [w.cpu() for w in pipeline.decode(host.video_vae(vae), samples["samples"], geometry, options,
-                                                        host=ctx)]
+            windows = [w.cpu() for w in pipeline.decode(host.video_vae(vae), samples["samples"], geometry,
+                                                        spec.decode, host=ctx)]
         return io.NodeOutput(host.to_output(torch.cat(windows)))

@@ -1,7 +1,14 @@
-"""Safe loading of STAR checkpoints (light_deg.pt / heavy_deg.pt / converted safetensors) into `STARUNet`."""
+"""Safe loading of STAR checkpoints (light_deg.pt / heavy_deg.pt / converted safetensors) into `STARUNet`.
+
+A fine-tune can be stored as a *delta*: a ``.safetensors`` file with only the tensors training changed and
+metadata naming its base checkpoint (file name, size, SHA-256). `load_state_dict_file` recognises it by that
+metadata and returns the base with the delta's tensors put in, so everything that reads a STAR checkpoint (the
+Model Loader node, ``--model``) reads a delta as well.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import re
 import zipfile
@@ -18,6 +25,12 @@ from .model import STARConfig, STARUNet, cast_ops, config_from_state_dict
 
 log = logging.getLogger(__name__)
 
+# safetensors metadata of a delta checkpoint (all values are strings)
+DELTA_MARKER = "star_delta"  # format version, "1"
+DELTA_BASE_NAME, DELTA_BASE_SIZE, DELTA_BASE_SHA256 = "star_base_name", "star_base_size", "star_base_sha256"
+DELTA_BASE_PATH = "star_base_path"  # where the base was when the delta was written (a hint, not required)
+_HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> SHA-256, for this process
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 # How a torch.save file starts: a zip archive (current format) or a pickle with protocol >= 2 (legacy format).
 ZIP_MAGIC, PICKLE_PROTOCOL = b"PK\x03\x04", b"\x80"
@@ -27,24 +40,29 @@ VENHANCER_EXTRA_KEYS = (
     "VideoControlNet.scale_cond.0.weight", "VideoControlNet.scale_cond.0.bias",
     "VideoControlNet.scale_cond.2.weight", "VideoControlNet.scale_cond.2.bias",
 )
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+
+
+def load_state_dict_file(path: str | Path, *, base: str | Path | None = None) -> dict[str, torch.Tensor]:
     """
     Reads a state dict without ever executing code from the file.
 
     ``.safetensors`` goes through safetensors; ``.pt/.pth/.ckpt/.bin`` through ``torch.load(weights_only=True)``
     (memory-mapped when the file is in the zip format). A ``{'state_dict': ...}`` wrapper is unwrapped; key names
-    are returned unchanged.
+    are returned unchanged. A delta checkpoint (see `save_delta`) comes back merged onto its base.
 
     Parameters:
         path (`str` or `Path`): checkpoint file.
+        base (`str` or `Path`, *optional*): the base checkpoint of a delta file (default: the file of the recorded
+            name next to the delta, else the recorded path). Ignored for full checkpoints.
 
     Returns:
         `dict[str, torch.Tensor]`: the tensors, on CPU.
 
     Raises:
-        FileNotFoundError: the file does not exist.
+        FileNotFoundError: the file (or a delta's base) does not exist.
         ValueError: an empty, truncated or non-checkpoint file, a pickle that would run code (refused before
-            anything of it runs), or no state dict inside. The message names the file.
+            anything of it runs), no state dict inside, or a delta whose base has another size or SHA-256 than
+            recorded. The message names the file.
     """
     path = Path(path)
     if not path.is_file():
@@ -61,6 +79,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as err:
             raise ValueError(f"cannot read {path} as safetensors (truncated, corrupt header or not a safetensors "
                              f"file): {err}") from err
+        metadata = read_delta_metadata(path)
+        if metadata is not None:
+            return _merge_delta(path, obj, metadata, base)
     elif path.suffix in PICKLE_SUFFIXES:
         _check_torch_file_start(path)
         obj = _torch_load(path)
@@ -103,6 +124,108 @@ def _refusal(path: Path, err: pickle.UnpicklingError) -> ValueError:
                           f"Use the official release file or a .safetensors copy")
     return ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): the pickle inside is not a state dict "
                       f"({str(err).strip().splitlines()[-1][:160]})")
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, remembered for this process while its size and modification time stay the same."""
+    from .download import sha256_of
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_of(path)
+    return _HASHES[key]
+
+
+def read_delta_metadata(path: str | Path) -> dict[str, str] | None:
+    """The safetensors metadata of a delta checkpoint, or None for any other file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError):
+        return None
+    return metadata if DELTA_MARKER in metadata else None
+
+
+def save_delta(path: str | Path, tensors: Mapping[str, torch.Tensor], base: str | Path,
+               metadata: Mapping[str, str] | None = None) -> Path:
+    """
+    Writes a delta checkpoint: ``tensors`` (the changed ones, official key names) plus metadata naming the base
+    checkpoint by file name, size and SHA-256. Written to a ``.partial`` file first, then renamed.
+
+    Parameters:
+        path (`str` or `Path`): output ``.safetensors`` file.
+        tensors (`Mapping[str, torch.Tensor]`): the tensors that differ from the base.
+        base (`str` or `Path`): the base checkpoint they apply to (hashed here, once per process).
+        metadata (`Mapping[str, str]`, *optional*): extra metadata (e.g. the training settings).
+
+    Returns:
+        `Path`: the written file.
+    """
+    from safetensors.torch import save_file
+
+    path, base = Path(path), Path(base)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"delta checkpoint {path} must end in .safetensors")
+    if path.resolve() == base.resolve():
+        raise ValueError(f"delta checkpoint {path} would overwrite its base; choose another path")
+    info = {**(metadata or {}), "format": "pt", DELTA_MARKER: "1", DELTA_BASE_NAME: base.name,
+            DELTA_BASE_SIZE: str(base.stat().st_size), DELTA_BASE_SHA256: file_sha256(base),
+            DELTA_BASE_PATH: str(base.resolve())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=info)
+    os.replace(tmp, path)
+    return path
+
+
+def delta_base(path: str | Path, metadata: Mapping[str, str], base: str | Path | None = None) -> Path:
+    """
+    Finds and checks the base checkpoint of a delta: ``base`` if given, else the recorded file name next to the
+    delta, else the recorded path; its size and SHA-256 must be the recorded ones.
+
+    Raises:
+        FileNotFoundError: no candidate exists.
+        ValueError: the base found has another size or SHA-256.
+    """
+    path = Path(path)
+    name, size, sha = metadata[DELTA_BASE_NAME], int(metadata[DELTA_BASE_SIZE]), metadata[DELTA_BASE_SHA256]
+    if base is not None:
+        candidates = [Path(base)]
+    else:
+        candidates = [path.parent / name] + ([Path(metadata[DELTA_BASE_PATH])] if DELTA_BASE_PATH in metadata else [])
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{path} is a STAR fine-tune stored as a delta of {name!r} ({size:,} bytes, SHA-256 "
+                                f"{sha[:16]}…), which is not at {' nor '.join(map(str, candidates))}: put {name} "
+                                f"next to {path.name} (or pass its path as the base), or merge the fine-tune into a "
+                                f"full checkpoint where the base is available (python -m star_core train --merge-only)")
+    if found.stat().st_size != size or file_sha256(found) != sha:
+        raise ValueError(f"{found} is not the base checkpoint {path.name} was trained from: expected {name!r} with "
+                         f"{size:,} bytes and SHA-256 {sha}, found {found.stat().st_size:,} bytes"
+                         + ("" if found.stat().st_size != size else f" and SHA-256 {file_sha256(found)}")
+                         + "; use the exact base file the fine-tune was made from")
+    return found
+
+
+def _merge_delta(path: Path, delta: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                 base: str | Path | None) -> dict[str, torch.Tensor]:
+    base_path = delta_base(path, metadata, base)
+    if read_delta_metadata(base_path) is not None:
+        raise ValueError(f"the base of {path} ({base_path}) is itself a delta; merge it first")
+    sd = load_state_dict_file(base_path)
+    unknown = [k for k in delta if k not in sd]
+    wrong = [k for k in delta if k in sd and delta[k].shape != sd[k].shape]
+    if unknown or wrong:
+        raise ValueError(f"{path} does not fit its base {base_path}: keys not in the base {unknown[:3]}, "
+                         f"shape mismatches {wrong[:3]}")
+    for key, value in delta.items():
+        sd[key] = value.to(sd[key].dtype)
+    log.info("merged %d fine-tuned tensors of %s onto %s", len(delta), path.name, base_path.name)
+    return sd
 
 
 def _torch_load(path: Path) -> object:

@@ -27,9 +27,9 @@ from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .host import HostContext, ProgressEvent
 from .options import SpecError
 from .spec import DEFAULTS, RunSpec, default, option_info
-from .video_io import CODECS, FileSource, VideoFileSink, probe_video, write_synthetic_clip
+from .train.cli import add_train_parser, run_train
+from .video_io import CODECS, VIDEO_EXTENSIONS, FileSource, VideoFileSink, probe_video, write_synthetic_clip
 
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
 EXIT_FAILED, EXIT_MODELS_MISSING = 1, 3
 DEMO_FRAMES = 8  # 8 frames of 48x32, x2: small enough for a CPU, long enough to exercise windows and chunks
 DEMO_NOTE = ("--demo-tiny: tiny RANDOM-weight models on a generated clip. The output is noise: this checks that the "
@@ -50,6 +50,19 @@ def _target_size(text: str) -> tuple[int, int]:
     return height, width
 
 
+def _pixel_pair(text: str) -> tuple[int, int] | None:
+    """``N`` (square), ``HxW`` or ``off`` for a (height, width) option in pixels, e.g. ``--diffusion-tile``."""
+    if text.lower() in ("off", "none"):
+        return None
+    try:
+        values = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"must be pixels as N, HEIGHTxWIDTH (e.g. 512x768) or off, got {text!r}")
+    return (values[0], values[-1])
+
+
 # Options read from the run spec: (flags, dotted spec name) per help group. Their default, help, type, range and
 # choices are the spec's; `spec_from_args` validates them all at once.
 SPEC_OPTIONS: dict[str, list[tuple[str, str]]] = {
@@ -59,10 +72,12 @@ SPEC_OPTIONS: dict[str, list[tuple[str, str]]] = {
     "sampler": [("--solver-mode", "sampler.mode"), ("--steps", "sampler.steps"), ("--cfg", "sampler.cfg"),
                 ("--rescale", "sampler.rescale"), ("--seed", "seed"), ("--chunk-len", "sampler.chunk_len"),
                 ("--chunk-overlap", "sampler.overlap"), ("--chunk-fusion", "sampler.fusion"),
-                ("--batch-cfg", "sampler.batch_cfg")],
+                ("--batch-cfg", "sampler.batch_cfg"), ("--diffusion-tile", "sampler.tile"),
+                ("--diffusion-tile-overlap", "sampler.tile_overlap"), ("--diffusion-tile-blend", "sampler.tile_blend")],
     "VAE and colour": [("--posterior", "encode.posterior"), ("--encode-tile", "encode.tile"),
-                       ("--encode-tile-overlap", "encode.tile_overlap"), ("--decode-tile", "decode.tile"),
-                       ("--decode-tile-overlap", "decode.tile_overlap"), ("--decode-window", "decode.window"),
+                       ("--encode-tile-overlap", "encode.tile_overlap"), ("--encode-tile-mode", "encode.tile_mode"),
+                       ("--decode-tile", "decode.tile"), ("--decode-tile-overlap", "decode.tile_overlap"),
+                       ("--decode-tile-mode", "decode.tile_mode"), ("--decode-window", "decode.window"),
                        ("--decode-window-overlap", "decode.window_overlap"), ("--colour-fix", "colour.method"),
                        ("--colour-strength", "colour.strength")],
 }
@@ -75,10 +90,22 @@ def _add_spec_option(group, flag: str, path: str) -> None:
     if info.kind is bool:
         group.add_argument(flag, dest=dest, action="store_true", default=default(path), help=info.help)
         return
-    kind = {"int": int, "float": float}.get(getattr(info.kind, "__name__", ""), str)
-    metavar = "N" if kind is int else ("X" if kind is float else None)
+    kind = {"int": int, "float": float, "tuple": _pixel_pair}.get(getattr(info.kind, "__name__", ""), str)
+    metavar = {int: "N", float: "X", _pixel_pair: "HxW"}.get(kind)
     group.add_argument(flag, dest=dest, type=kind, default=default(path), help=info.help,
                        choices=info.choices, metavar=None if info.choices else metavar)
+
+
+def add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """The "models" option group shared by the commands that load STAR's models (upscale, train)."""
+    models = parser.add_argument_group("models")
+    models.add_argument("--model", default="light", help=model_help)
+    models.add_argument("--vae", help="SVD VAE: diffusers folder or .safetensors (default: found/downloaded)")
+    models.add_argument("--text-encoder", help="OpenCLIP ViT-H-14 / SD2 CLIP-H text encoder file or folder")
+    models.add_argument("--tokenizer", help="CLIP tokenizer: folder with vocab.json + merges.txt, or open_clip's vocab")
+    models.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
+    models.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
+    models.add_argument("--offline", action="store_true", help="never download; list what is missing instead")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,16 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         for flag, path in options:
             _add_spec_option(group, flag, path)
 
-    models = up.add_argument_group("models")
-    models.add_argument("--model", default="light",
-                        help="'light' (lightly degraded, e.g. web video), 'heavy' (heavily degraded) or a "
-                             "checkpoint path")
-    models.add_argument("--vae", help="SVD VAE: diffusers folder or .safetensors (default: found/downloaded)")
-    models.add_argument("--text-encoder", help="OpenCLIP ViT-H-14 / SD2 CLIP-H text encoder file or folder")
-    models.add_argument("--tokenizer", help="CLIP tokenizer: folder with vocab.json + merges.txt, or open_clip's vocab")
-    models.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
-    models.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
-    models.add_argument("--offline", action="store_true", help="never download; list what is missing instead")
+    add_model_options(up, "'light' (lightly degraded, e.g. web video), 'heavy' (heavily degraded) or a checkpoint "
+                          "path")
 
     run = up.add_argument_group("run")
     run.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -132,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--comfy-models", type=Path, help="a ComfyUI models folder to take the files from")
     fetch.add_argument("--cache-dir", type=Path, help="download cache (default $STAR_VSR_CACHE or ~/.cache/star_vsr)")
     fetch.add_argument("--offline", action="store_true", help="only check what is present")
+    add_train_parser(commands)
     return parser
 
 
@@ -405,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "download":
             return run_download(args)
+        if args.command == "train":
+            return run_train(args)
         if args.demo_tiny:
             with _demo_setup(args):
                 return run_upscale(args)

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# The value of an option that the run chooses itself from the memory budget (`star_core.autosize`).
+AUTO = "auto"
+
 
 class SpecError(ValueError):
     """A run option with an invalid value; ``path`` is its dotted name in the spec (e.g. ``"sampler.cfg"``)."""
@@ -33,6 +36,8 @@ class OptionInfo:
         step (`float`, *optional*): a UI step for sliders/widgets.
         optional (`bool`): None is allowed (it means "off" or "automatic", as the help says).
         kind (`type`, *optional*): ``int``/``float``/``str``/``bool`` when the default does not show it.
+        auto (`bool`): the value ``"auto"`` is allowed: the run chooses the largest value that fits its memory
+            budget (`star_core.autosize`).
     """
 
     help: str
@@ -42,14 +47,18 @@ class OptionInfo:
     step: float | None = None
     optional: bool = False
     kind: type | None = None
+    auto: bool = False
 
 
 def option(default: Any, help: str, *, minimum: float | None = None, maximum: float | None = None,
            choices: Sequence[str] | None = None, step: float | None = None, optional: bool = False,
-           kind: type | None = None) -> Any:
+           kind: type | None = None, auto: bool = False) -> Any:
     """A dataclass field carrying its :class:`OptionInfo` (``field.metadata["option"]``)."""
+    if default == AUTO and kind is None:
+        raise TypeError("an option whose default is 'auto' must name its kind")
     info = OptionInfo(help, minimum, maximum, tuple(choices) if choices is not None else None, step,
-                      optional or default is None, kind or (type(default) if default is not None else None))
+                      optional or default is None, kind or (type(default) if default is not None else None),
+                      auto or default == AUTO)
     return dataclasses.field(default=default, metadata={"option": info})
 
 
@@ -67,15 +76,18 @@ def check_value(path: str, value: Any, info: OptionInfo) -> None:
         if not info.optional:
             raise SpecError(path, "must be set (None is not allowed)")
         return
+    if info.auto and value == AUTO:
+        return
     kind = info.kind
+    or_auto = f" or {AUTO}" if info.auto else ""
     if kind is bool:
         if not isinstance(value, bool):
             raise SpecError(path, f"must be true or false, got {value!r}")
         return
     if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
-        raise SpecError(path, f"must be an integer, got {value!r}")
+        raise SpecError(path, f"must be an integer{or_auto}, got {value!r}")
     if kind is float and (not isinstance(value, (int, float)) or isinstance(value, bool)):
-        raise SpecError(path, f"must be a number, got {value!r}")
+        raise SpecError(path, f"must be a number{or_auto}, got {value!r}")
     if kind in (int, float) and not math.isfinite(value):
         raise SpecError(path, f"must be a finite number, got {value!r}")
     if info.choices is not None and value not in info.choices:
@@ -84,7 +96,7 @@ def check_value(path: str, value: Any, info: OptionInfo) -> None:
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"[{_fmt(low)}, {_fmt(high)}]" if low is not None and high is not None else \
             (f">= {_fmt(low)}" if low is not None else f"<= {_fmt(high)}")
-        raise SpecError(path, f"must be in {bounds}, got {value!r}")
+        raise SpecError(path, f"must be in {bounds}{or_auto}, got {value!r}")
 
 
 def _fmt(number: float | None) -> str:

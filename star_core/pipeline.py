@@ -24,7 +24,8 @@ from fractions import Fraction
 import torch
 
 from .colour import ColourMethod, apply_colour_fix
-from .diffusion.star_sampling import ModelFn, SamplerSettings, plan_evaluations, sample_star, solver_sigmas
+from .diffusion.star_sampling import (ModelFn, SamplerSettings, model_passes, network_levels, plan_evaluations,
+                                      sample_star, solver_sigmas)
 from .frames import FrameSink, FrameSource, SourceInfo, TensorSink, TensorSource
 from .geometry import Geometry, PaddingMode, plan_geometry, upscale_and_pad
 from .host import HostContext
@@ -154,9 +155,9 @@ def encode_prompts(text_encoder, prompt: str = "a good video", *, suffix: str = 
     return embeddings[0:1], embeddings[1:2]
 
 
-def tiling(tile: int | None, overlap: int) -> SpatialTiling | None:
-    """The VAE's spatial tiling for a spec's ``tile``/``tile_overlap`` (None: whole frames)."""
-    return None if tile is None else SpatialTiling(tile, overlap)
+def tiling(tile: int | None, overlap: int, mode: str = "exact") -> SpatialTiling | None:
+    """The VAE's spatial tiling for a spec's ``tile``/``tile_overlap``/``tile_mode`` (None: whole frames)."""
+    return None if tile is None else SpatialTiling(tile, overlap, mode)
 
 
 def _vae_place(vae: VideoVAE) -> tuple[torch.device, torch.dtype]:
@@ -245,13 +246,14 @@ def encode_source(source: FrameSource, geometry: Geometry, vae, spec: RunSpec | 
     noise = RunNoise(seed) if sample_posterior else None
     windows = prepare_windows(source.windows(encode_window(geometry)), geometry)
     return encode_lr(vae, windows, geometry, noise, sample=sample_posterior,
-                     tiles=tiling(spec.tile, spec.tile_overlap), host=host)
+                     tiles=tiling(spec.tile, spec.tile_overlap, spec.tile_mode), host=host)
 
 
 def model_function(model: torch.nn.Module) -> ModelFn:
     """
     Wraps a STAR network as the sampler's `model_fn`: inputs are cast to the model's compute dtype and device,
-    the v-prediction comes back in the sampler's dtype (fp32).
+    the v-prediction comes back in the sampler's dtype (fp32). The function carries the network's ``config``, so
+    diffusion tiles follow its size rule (:func:`star_core.diffusion.star_sampling.network_levels`).
 
     Parameters:
         model (`torch.nn.Module`): e.g. :class:`star_core.model.STARUNet`.
@@ -265,6 +267,7 @@ def model_function(model: torch.nn.Module) -> ModelFn:
         v = model(x.to(**cast), t.to(weight.device), context.to(**cast), hint)
         return v.to(device=x.device, dtype=x.dtype)
 
+    model_fn.config = getattr(model, "config", None)  # type: ignore[attr-defined]
     return model_fn
 
 
@@ -306,7 +309,7 @@ def sample(
     latent = latent.to(torch.float32)
     start_noise = noise.diffuse_eps(tuple(latent.shape), device=latent.device)
     brownian = noise.brownian()
-    grid = plan_evaluations(latent.shape, settings)
+    grid = plan_evaluations(latent.shape, settings, network_levels(model_fn))
     calls: list[int] = [0, 1]  # calls done, calls in all (set by the first on_evaluation)
 
     def on_evaluation(done: int, total: int) -> None:
@@ -323,12 +326,18 @@ def sample(
                        brownian=brownian, callback=on_step, on_evaluation=on_evaluation, grid=grid)
 
 
-def model_evaluations(settings: SamplerSettings, latent_shape: tuple[int, ...]) -> int:
-    """Network calls a run makes: solver steps × windows × (2 with CFG, unless batched)."""
-    from .diffusion.star_sampling import model_passes
+def model_evaluations(settings: SamplerSettings, latent_shape: tuple[int, ...], levels: int | None = None) -> int:
+    """Network calls a run makes: solver steps × windows (chunks × tiles) × (2 with CFG, unless batched).
 
+    Parameters:
+        settings (`SamplerSettings`): the sampler options.
+        latent_shape (`tuple[int, ...]`): ``[1,4,F,h,w]``.
+        levels (`int`, *optional*): the network's resolution levels (its tile size rule), see
+            :func:`star_core.diffusion.star_sampling.plan_evaluations`.
+    """
     steps = len(solver_sigmas(settings)) - 1
-    return steps * len(plan_evaluations(latent_shape, settings)) * model_passes(settings.cfg, settings.batch_cfg)
+    return steps * len(plan_evaluations(latent_shape, settings, levels)) * model_passes(settings.cfg,
+                                                                                         settings.batch_cfg)
 
 
 def sample_latent(components: Components, latent: torch.Tensor, spec: RunSpec, *,
@@ -356,7 +365,7 @@ def decode_pixels(vae, latent: torch.Tensor, geometry: Geometry, options: Decode
     host = _host(host)
     geometry.check_latent(latent)
     windows = temporal_plan(latent.shape[2], options.window, options.window_overlap)
-    tiles = tiling(options.tile, options.tile_overlap)
+    tiles = tiling(options.tile, options.tile_overlap, options.tile_mode)
     device, dtype = _vae_place(vae)
 
     def decoded() -> Iterator[torch.Tensor]:

@@ -19,13 +19,17 @@ from .diffusion.star_sampling import SamplerSettings
 from .geometry import PADDING_MODES
 from .options import OptionInfo, Section, SpecError, option
 from .text.prompts import DEFAULT_PROMPT, NEGATIVE_PROMPT, SUFFIX_MODES
-from .vae.base import OFFICIAL_WINDOW, validate_tile
+from .vae.base import OFFICIAL_WINDOW, TILING_MODES, validate_tile
 
 OFFICIAL_SEED = 666
 # The official fast mode always runs this many steps (inference_sr.py forces --steps 15 with solver_mode fast).
 FAST_MODE_STEPS = 15
 MAX_SIZE = 16384  # pixels per side of an output; far beyond any GPU today
 TILE_HELP = "Spatial VAE {what} tile in pixels (multiple of 8); none = whole frames (official). Smaller tiles need less memory."
+TILE_MODE_HELP = ("exact: the tiles give the untiled VAE's result (up to float rounding; whole-frame normalisation "
+                  "and attention). fast: independent overlapping tiles blended over the overlap (less memory traffic, "
+                  "visibly different on non-uniform content).")
+OVERLAP_HELP = "Overlap of neighbouring VAE tiles in pixels (multiple of 8); fast tiles only (exact tiles need none)."
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,8 @@ class EncodeSpec(Section):
     Parameters:
         posterior (`str`): ``"sample"`` (official, uses the seed) or ``"mean"``.
         tile (`int`, *optional*): spatial tile in pixels; None encodes whole frames (official).
-        tile_overlap (`int`): overlap of neighbouring tiles in pixels.
+        tile_overlap (`int`): overlap of neighbouring tiles in pixels (``"fast"`` tiles only).
+        tile_mode (`str`): ``"exact"`` (equals untiled) or ``"fast"`` (see `star_core.vae.base.SpatialTiling`).
     """
 
     PREFIX = "encode"
@@ -98,11 +103,11 @@ class EncodeSpec(Section):
     posterior: str = option("sample", "sample: the official VAE posterior sample (uses the seed). mean: the "
                             "posterior mean (no randomness).", choices=("sample", "mean"))
     tile: int | None = option(None, TILE_HELP.format(what="encode"), minimum=8, maximum=MAX_SIZE, step=8, kind=int)
-    tile_overlap: int = option(64, "Overlap of neighbouring VAE tiles in pixels (multiple of 8).",
-                               minimum=0, maximum=MAX_SIZE, step=8)
+    tile_overlap: int = option(64, OVERLAP_HELP, minimum=0, maximum=MAX_SIZE, step=8)
+    tile_mode: str = option("exact", TILE_MODE_HELP, choices=TILING_MODES)
 
     def check(self) -> None:
-        _check_tile(self, "tile", "tile_overlap")
+        _check_tile(self)
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,8 @@ class DecodeSpec(Section):
         window (`int`): frames per temporal-decoder call (official 3).
         window_overlap (`int`): frames shared by neighbouring windows, cross-faded (official 0 = hard cuts).
         tile (`int`, *optional*): spatial tile edge in output pixels (None: whole frames, official).
-        tile_overlap (`int`): spatial tile overlap in pixels.
+        tile_overlap (`int`): spatial tile overlap in pixels (``"fast"`` tiles only).
+        tile_mode (`str`): ``"exact"`` (equals untiled) or ``"fast"`` (see `star_core.vae.base.SpatialTiling`).
     """
 
     PREFIX = "decode"
@@ -123,14 +129,14 @@ class DecodeSpec(Section):
     window_overlap: int = option(0, "Frames shared by neighbouring decoder windows, cross-faded (official 0).",
                                  minimum=0, maximum=255)
     tile: int | None = option(None, TILE_HELP.format(what="decode"), minimum=8, maximum=MAX_SIZE, step=8, kind=int)
-    tile_overlap: int = option(64, "Overlap of neighbouring VAE tiles in pixels (multiple of 8).",
-                               minimum=0, maximum=MAX_SIZE, step=8)
+    tile_overlap: int = option(64, OVERLAP_HELP, minimum=0, maximum=MAX_SIZE, step=8)
+    tile_mode: str = option("exact", TILE_MODE_HELP, choices=TILING_MODES)
 
     def check(self) -> None:
         if self.window_overlap >= self.window:
             raise SpecError(self.path("window_overlap"), f"({self.window_overlap}) must be smaller than the "
                             f"decoder window ({self.window})")
-        _check_tile(self, "tile", "tile_overlap")
+        _check_tile(self)
 
 
 @dataclass(frozen=True)
@@ -153,14 +159,14 @@ class ColourSpec(Section):
                              minimum=0.0, maximum=1.0, step=0.05)
 
 
-def _check_tile(section: Section, tile_name: str, overlap_name: str) -> None:
-    tile, overlap = getattr(section, tile_name), getattr(section, overlap_name)
-    if tile is None:
+def _check_tile(section: EncodeSpec | DecodeSpec) -> None:
+    """The VAE tile of a section; its overlap matters (and is checked) only for fast tiles."""
+    if section.tile is None:
         return
     try:
-        validate_tile("tile", tile, overlap)
+        validate_tile("tile", section.tile, section.tile_overlap if section.tile_mode == "fast" else 0)
     except ValueError as exc:
-        raise SpecError(section.path(tile_name), str(exc).removeprefix("tile ")) from None
+        raise SpecError(section.path("tile"), str(exc).removeprefix("tile ")) from None
 
 
 @dataclass(frozen=True)

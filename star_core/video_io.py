@@ -19,6 +19,8 @@ import torch
 
 from .frames import SourceInfo, to_uint8
 
+# file extensions treated as videos when a folder is scanned
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts", ".gif")
 # name -> (encoder, options, pixel format for even sizes, pixel format for odd sizes)
 CODECS: dict[str, tuple[str, dict[str, str], str, str]] = {
     "h264": ("libx264", {"preset": "slow"}, "yuv420p", "yuv444p"),
@@ -133,18 +135,24 @@ class VideoWriter:
         crf: quality for h264/h265 (lower is better; None = codec default in `DEFAULT_CRF`).
         audio_from: a file whose first audio stream is remuxed (re-encoded to AAC only if the container
             cannot hold its codec), or None for no audio.
+        metadata: container tags (key → text), e.g. ComfyUI's prompt and workflow; MP4/MOV keep custom keys.
     """
 
     def __init__(self, path: str | Path, width: int, height: int, fps: Fraction | float, *, codec: str = "h264",
-                 crf: int | None = None, audio_from: str | Path | None = None) -> None:
+                 crf: int | None = None, audio_from: str | Path | None = None,
+                 metadata: dict[str, str] | None = None) -> None:
         if codec not in CODECS:
             raise ValueError(f"unknown codec {codec!r}: choose one of {', '.join(CODECS)}")
         self.path = Path(path)
         self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
         self.width, self.height, self.frames_written = width, height, 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._out = av.open(str(self._tmp), "w")
+        custom_tags = {"movflags": "use_metadata_tags"} if metadata and self.path.suffix.lower() in (".mp4", ".mov") \
+            else {}
+        self._out = av.open(str(self._tmp), "w", options=custom_tags)
         try:
+            for key, value in (metadata or {}).items():
+                self._out.metadata[key] = value
             self._video = self._add_video_stream(codec, crf, Fraction(fps).limit_denominator(1_000_000))
             self._audio_in, self._audio_packets, self._audio_out, self._audio_encoder = None, None, None, None
             if audio_from is not None:
@@ -321,19 +329,20 @@ class VideoFileSink:
 
     Parameters:
         path: output file.
-        codec, crf: see `VideoWriter`.
+        codec, crf, metadata: see `VideoWriter`.
         audio_from: a file whose audio is copied alongside, or None.
     """
 
     def __init__(self, path: str | Path, *, codec: str = "h264", crf: int | None = None,
-                 audio_from: str | Path | None = None) -> None:
+                 audio_from: str | Path | None = None, metadata: dict[str, str] | None = None) -> None:
         self.path, self.codec, self.crf, self.audio_from = Path(path), codec, crf, audio_from
+        self.metadata = metadata
         self._writer: VideoWriter | None = None
 
     def begin(self, geometry, fps) -> None:
         height, width = geometry.target_size
         self._writer = VideoWriter(self.path, width, height, fps or 24, codec=self.codec, crf=self.crf,
-                                   audio_from=self.audio_from)
+                                   audio_from=self.audio_from, metadata=self.metadata)
 
     def write(self, frames) -> None:
         assert self._writer is not None, "begin() first"

@@ -298,6 +298,12 @@ class Grid:
         """True when the grid is one window covering everything."""
         return len(self) == 1
 
+    def part(self, dims: Sequence[int]) -> "Grid | None":
+        """The grid of this grid's axes on ``dims`` only (e.g. the spatial tiles of a chunks × tiles grid); None
+        when it has no axis there."""
+        kept = [(axis, dim) for axis, dim in zip(self.axes, self.dims) if dim in dims]
+        return Grid(tuple(a for a, _ in kept), tuple(d for _, d in kept)) if kept else None
+
 
 def plan_tiles(sizes: Sequence[int], tile: Sequence[int], overlap: Sequence[int], dims: Sequence[int],
                fusion: str = "linear") -> Grid:

@@ -72,7 +72,7 @@ def test_transformer_slices_match_whole(tiny_model, forward_data, monkeypatch):
     with torch.inference_mode():
         whole = tiny_model(*args)
         # One frame / one position per slice: slices cross the boundary between the two samples' frames.
-        monkeypatch.setattr(importlib.import_module("star_core.model.transformer"), "SLICE_ELEMENTS", 1)
+        monkeypatch.setattr(importlib.import_module("star_core.model.slicing"), "SLICE_ELEMENTS", 1)
         sliced = tiny_model(*args)
     assert _max_err(sliced, whole) <= 1e-5
     assert _max_err(sliced[0], d["out"][0]) <= TOL

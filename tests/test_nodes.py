@@ -77,14 +77,14 @@ def loaded(nodes):
 
 
 def encode(nodes, vae, images=None, video=None, **overrides):
-    inputs = dict(vae=vae, images=images, video=video, scale=2.0, target_width=0, target_height=0,
+    inputs = dict(vae=vae, images=images, video=video, fps=24.0, scale=2.0, target_width=0, target_height=0,
                   padding="minimal", posterior="sample", seed=666, tile=0, tile_overlap=32) | overrides
     return harness.run(nodes["STARLREncode"], **inputs)
 
 
 def sample(nodes, loaded, lr_latent, **overrides):
     inputs = dict(star_model=loaded.model, positive=loaded.positive, negative=loaded.negative, lr_latent=lr_latent,
-                  seed=666, solver_mode="normal", steps=2, cfg=7.5, rescale=0.2, denoise=1.0, chunk_length=32,
+                  solver_mode="normal", steps=2, cfg=7.5, rescale=0.2, denoise=1.0, chunk_length=32,
                   chunk_overlap=-1, fusion="hann") | overrides
     return harness.run(nodes["STARSampler"], **inputs)
 
@@ -92,8 +92,9 @@ def sample(nodes, loaded, lr_latent, **overrides):
 def test_entrypoint_registers_every_node_and_the_star_folder(pack, nodes, models):
     import folder_paths
 
-    assert sorted(nodes) == sorted(["STARModelLoader", "STARVAELoader", "STARTextEncode", "STARLREncode",
-                                    "STARSampler", "STARTiledVAEDecode", "STARColourFix"])
+    assert sorted(nodes) == sorted(["STARModelLoader", "STARVAELoader", "STARTextEncode", "STARUpscale",
+                                    "STARVideoEncode", "STARLREncode", "STARSampler", "STARVideoDecode",
+                                    "STARTiledVAEDecode", "STARColourFix"])
     assert folder_paths.get_folder_paths("STAR") == [str(models / "STAR")]
     assert folder_paths.get_filename_list("STAR") == ["star_tiny.safetensors"]
 
@@ -115,9 +116,12 @@ def test_full_graph_gives_target_size_and_frame_count(nodes, loaded, lr_frames):
     comfy.utils.updates.clear()
     lr_latent, lr_images, fps = encode(nodes, loaded.vae, images=lr_frames)
     assert lr_latent["samples"].shape == (1, 4, FRAMES, 10, 8)
-    assert torch.equal(lr_images, lr_frames) and fps == 0.0
-    # the VAE and the STAR network both go through ComfyUI's memory manager
+    # IMAGE frames carry no frame rate: the fps input is passed on (never 0, which CreateVideo would take)
+    assert torch.equal(lr_images, lr_frames) and fps == 24.0 and lr_latent["star_geometry"]["fps"] == 24.0
+    # the VAE and the STAR network both go through ComfyUI's memory manager; ComfyUI logs "Requested to load
+    # <class name>", so the VAE's holder has a name a user recognises
     assert getattr(mm.loaded[-1].model, "vae", None) is loaded.vae.model
+    assert type(mm.loaded[-1].model).__name__ == "SVD_VAE"
     (latent,) = sample(nodes, loaded, lr_latent)
     assert latent["samples"].shape == lr_latent["samples"].shape
     assert mm.loaded[-1] is loaded.model
@@ -157,7 +161,7 @@ def test_seed_decides_the_result_and_nodes_match_the_pipeline(nodes, loaded, lr_
     from star_core.seeds import RunNoise
 
     a = sample(nodes, loaded, lr_latent, cfg=1.0)[0]["samples"]
-    c = sample(nodes, loaded, lr_latent, cfg=1.0, seed=7)[0]["samples"]
+    c = sample(nodes, loaded, encode(nodes, loaded.vae, images=lr_frames, seed=7)[0], cfg=1.0)[0]["samples"]
     assert not torch.equal(a, c)
     # the nodes add no math: the same run through star_core.pipeline directly gives the same latent
     pixels, geometry = pipeline.prepare_lr(lr_frames, scale=2.0, padding="minimal")
@@ -167,6 +171,41 @@ def test_seed_decides_the_result_and_nodes_match_the_pipeline(nodes, loaded, lr_
     ref = pipeline.sample(loaded.model.model, ref_lr, loaded.positive[0][0], loaded.negative[0][0], settings,
                           RunNoise(666))
     assert torch.allclose(ref, a, atol=1e-6)
+
+
+def test_one_seed_serves_the_whole_run(nodes, loaded, lr_frames):
+    """LR Encode holds the run's seed; the sampler continues that stream: the same numbers as one RunNoise used
+    for the posterior noise, then the start noise and the Brownian entropy (the documented draw order)."""
+    from star_core import pipeline
+    from star_core.diffusion.star_sampling import SamplerSettings
+    from star_core.seeds import RunNoise
+
+    lr_latent = encode(nodes, loaded.vae, images=lr_frames, seed=12345)[0]
+    assert lr_latent["star_seed"] == 12345
+    (latent,) = sample(nodes, loaded, lr_latent, cfg=1.0)
+    assert latent["star_seed"] == 12345
+    one_stream = RunNoise(12345)
+    pixels, geometry = pipeline.prepare_lr(lr_frames, scale=2.0, padding="minimal")
+    ref_lr = pipeline.encode_lr(loaded.vae, pixels, geometry, one_stream)
+    settings = SamplerSettings(mode="normal", steps=2, cfg=1.0, chunk_len=32, fusion="hann")
+    ref = pipeline.sample(loaded.model.model, ref_lr, loaded.positive[0][0], loaded.negative[0][0], settings,
+                          one_stream)
+    assert torch.equal(ref_lr, lr_latent["samples"])
+    assert torch.allclose(ref, latent["samples"], atol=1e-6)
+    with pytest.raises(ValueError, match="no STAR seed; make it with STAR LR Encode"):
+        sample(nodes, loaded, {k: v for k, v in lr_latent.items() if k != "star_seed"})
+
+
+@pytest.mark.parametrize("mode, steps, verdict", [
+    ("fast", 15, True),
+    ("normal", 40, True),
+    ("fast", 40, "steps: 40 does nothing in solver_mode fast, which always runs STAR's fixed 15-step schedule; "
+                 "set steps to 15, or solver_mode to normal to use 40 steps"),
+    ("normal", 1, "steps: 1 is outside 2..1000"),
+    ("quick", 15, "solver_mode: 'quick' is not one of fast, normal"),
+])
+def test_sampler_rejects_steps_that_fast_mode_would_ignore(nodes, mode, steps, verdict):
+    assert nodes["STARSampler"].validate_inputs(solver_mode=mode, steps=steps) == verdict
 
 
 def test_video_input_gives_frames_and_fps(nodes, loaded, lr_frames):

@@ -74,7 +74,7 @@ def test_sampler_refuses_conditioning_of_another_text_encoder(nodes, width, enco
     (model,) = harness.run(nodes["STARModelLoader"], ckpt_name="star_tiny.safetensors", weight_dtype="auto")
     (vae,) = harness.run(nodes["STARVAELoader"], vae_name="svd_vae_tiny.safetensors")
     (lr_latent, _, _) = harness.run(nodes["STARLREncode"], vae=vae, images=torch.rand(1, 12, 16, 3), video=None,
-                                    scale=2.0, target_width=0, target_height=0, padding="minimal",
+                                    fps=24.0, scale=2.0, target_width=0, target_height=0, padding="minimal",
                                     posterior="sample", seed=666, tile=0, tile_overlap=32)
     good = [[torch.zeros(1, 77, 1024), {}]]
     other = [[torch.zeros(1, 77, width), {}]]
@@ -82,6 +82,32 @@ def test_sampler_refuses_conditioning_of_another_text_encoder(nodes, width, enco
     with pytest.raises(ValueError, match=rf"positive conditioning is {width} wide, from {encoder}, but this STAR "
                                          r"model reads 1024-wide text context\. STAR needs the OpenCLIP ViT-H/14"):
         harness.run(nodes["STARSampler"], star_model=model, positive=other, negative=good, lr_latent=lr_latent,
-                    seed=666, solver_mode="fast", steps=15, cfg=7.5, rescale=0.2, denoise=1.0, chunk_length=32,
+                    solver_mode="fast", steps=15, cfg=7.5, rescale=0.2, denoise=1.0, chunk_length=32,
                     chunk_overlap=-1, fusion="official")
     assert mm.loaded == loaded_before  # refused before the network was loaded or run
+
+
+class WideClip:
+    """A core CLIP stand-in whose text encoder is 768 wide (SD 1.x's CLIP-L), not STAR's 1024."""
+
+    def tokenize(self, text: str) -> dict:
+        return {"l": [[(1, 1.0)] * 77]}
+
+    def encode_from_tokens_scheduled(self, tokens: dict) -> list:
+        return [[torch.zeros(1, 77, 768), {"pooled_output": None}]]
+
+
+def test_upscale_refuses_another_text_encoder_before_reading_the_video(nodes, monkeypatch):
+    import comfy.model_management as mm
+
+    from star_pack_under_test.nodes import upscale
+
+    (model,) = harness.run(nodes["STARModelLoader"], ckpt_name="star_tiny.safetensors", weight_dtype="auto")
+    (vae,) = harness.run(nodes["STARVAELoader"], vae_name="svd_vae_tiny.safetensors")
+    monkeypatch.setattr(upscale, "video_source", lambda video: pytest.fail("the video was read"))
+    loaded_before = list(mm.loaded)
+    with pytest.raises(ValueError, match=r"prompt conditioning is 768 wide, from a CLIP ViT-L/14 text encoder "
+                                         r"\(SD 1\.x\), but this STAR model reads 1024-wide text context"):
+        harness.run(nodes["STARUpscale"], star_model=model, vae=vae, clip=WideClip(), video=object(),
+                    prompt="a cat", scale=2.0, padding="minimal", seed=5, vae_tile=0)
+    assert mm.loaded == loaded_before

@@ -70,25 +70,30 @@ def test_inputs_have_tooltips_and_valid_defaults(node_id):
 def test_category_and_official_defaults():
     assert {info["category"] for info in RECORDED.values()} == {"STAR"}
     sampler = _inputs(RECORDED["STARSampler"])
-    assert sampler["seed"][1]["control_after_generate"] is True
-    official = {"seed": 666, "solver_mode": "fast", "steps": 15, "cfg": 7.5, "rescale": 0.2, "denoise": 1.0,
-                "chunk_length": 32}
+    official = {"solver_mode": "fast", "steps": 15, "cfg": 7.5, "rescale": 0.2, "denoise": 1.0, "chunk_length": 32}
     assert {k: sampler[k][1]["default"] for k in official} == official
+    # one seed per run, on the node that starts it (LR Encode, Encode Video, or the one-node Upscale), with the
+    # frontend's randomize/fixed control; the sampler reads it from the latent
+    seeds = sorted((node, name) for node, info in RECORDED.items() for name in _inputs(info) if "seed" in name)
+    assert seeds == [("STARLREncode", "seed"), ("STARUpscale", "seed"), ("STARVideoEncode", "seed")]
+    for node, name in seeds:
+        assert _inputs(RECORDED[node])[name][1] | {"tooltip": ""} == {
+            "default": 666, "min": 0, "max": 2**64 - 1, "control_after_generate": True, "tooltip": ""}
+    lr_encode = _inputs(RECORDED["STARLREncode"])
+    assert lr_encode["fps"][1]["default"] == 30.0 and lr_encode["fps"][1]["min"] > 0
     assert _inputs(RECORDED["STARLREncode"])["vae"][0] == "VAE,STAR_VAE"
     assert _inputs(RECORDED["STARTextEncode"])["suffix"][1]["default"] == "official"
     assert _inputs(RECORDED["STARColourFix"])["method"][1]["default"] == "adain"
 
 
 WORKFLOWS_API = sorted((Path(__file__).parent / "workflows_api").glob("*.json"))
-WORKFLOWS_UI = sorted((Path(__file__).parents[1] / "workflows").glob("*.json"))
 
 
 @pytest.mark.parametrize("path", WORKFLOWS_API, ids=lambda p: p.stem)
 def test_api_twins_give_every_star_node_valid_inputs(path):
     graph = json.loads(path.read_text())
     star = {nid: node for nid, node in graph.items() if node["class_type"] in RECORDED}
-    assert {n["class_type"] for n in star.values()} >= {"STARModelLoader", "STARTextEncode", "STARLREncode",
-                                                         "STARSampler", "STARTiledVAEDecode", "STARColourFix"}
+    assert "STARModelLoader" in {n["class_type"] for n in star.values()}
     for nid, node in star.items():
         spec = _inputs(RECORDED[node["class_type"]])
         required = set(RECORDED[node["class_type"]]["input"]["required"])
@@ -101,18 +106,3 @@ def test_api_twins_give_every_star_node_valid_inputs(path):
                 assert value in options["options"], (nid, name, value)
             elif io_type in ("INT", "FLOAT"):
                 assert options["min"] <= value <= options["max"], (nid, name, value)
-
-
-@pytest.mark.parametrize("path", WORKFLOWS_UI, ids=lambda p: p.stem)
-def test_ui_workflows_have_one_widget_value_per_star_widget(path):
-    ui = json.loads(path.read_text())
-    star_nodes = [n for n in ui["nodes"] if n["type"] in RECORDED]
-    assert len(star_nodes) >= 6
-    for node in star_nodes:
-        spec = RECORDED[node["type"]]
-        widgets = [name for group in ("required", "optional") for name in spec["input_order"].get(group, [])
-                   if _inputs(spec)[name][0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
-        extra = sum(bool(_inputs(spec)[name][1].get("control_after_generate")) for name in widgets)
-        assert len(node["widgets_values"]) == len(widgets) + extra, node["type"]
-    link_ids = {link[0] for link in ui["links"]}
-    assert all(i["link"] in link_ids for n in ui["nodes"] for i in n["inputs"] if i["link"] is not None)

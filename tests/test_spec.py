@@ -27,7 +27,6 @@ NODE_OPTIONS = {
     ("STARLREncode", "seed"): ("seed", None),
     ("STARLREncode", "tile"): ("encode.tile", NONE_IF_ZERO),
     ("STARLREncode", "tile_overlap"): ("encode.tile_overlap", None),
-    ("STARSampler", "seed"): ("seed", None),
     ("STARSampler", "solver_mode"): ("sampler.mode", None),
     ("STARSampler", "steps"): ("sampler.steps", None),
     ("STARSampler", "cfg"): ("sampler.cfg", None),
@@ -45,10 +44,21 @@ NODE_OPTIONS = {
     ("STARTextEncode", "prompt"): ("prompt.prompt", None),
     ("STARTextEncode", "suffix"): ("prompt.suffix", None),
     ("STARTextEncode", "negative_prompt"): ("prompt.negative_prompt", None),
+    ("STARUpscale", "prompt"): ("prompt.prompt", None),
+    ("STARUpscale", "scale"): ("output.scale", None),
+    ("STARUpscale", "padding"): ("output.padding", None),
+    ("STARUpscale", "seed"): ("seed", None),
+    ("STARUpscale", "vae_tile"): ("encode.tile", NONE_IF_ZERO),
 }
+# The streaming nodes show the same widget groups as their IMAGE counterparts.
+NODE_OPTIONS |= {("STARVideoEncode", name): spec for (node, name), spec in NODE_OPTIONS.items()
+                 if node == "STARLREncode"}
+NODE_OPTIONS |= {("STARVideoDecode", name): spec for (node, name), spec in NODE_OPTIONS.items()
+                 if node in ("STARTiledVAEDecode", "STARColourFix")}
 # Widget inputs that are not run options (model files, dtypes): listed so a new input must be classified.
+# Model files and the frame rate of IMAGE frames (a property of the source, like a file's fps) are not run options.
 NOT_RUN_OPTIONS = {("STARModelLoader", "ckpt_name"), ("STARModelLoader", "weight_dtype"),
-                   ("STARVAELoader", "vae_name")}
+                   ("STARVAELoader", "vae_name"), ("STARLREncode", "fps")}
 
 
 def test_cli_defaults_are_the_specs():
@@ -96,7 +106,8 @@ def test_spec_validation_names_the_option():
     with pytest.raises(SpecError, match=r"decode.window_overlap \(3\) must be smaller than the decoder window \(3\)"):
         DEFAULTS.with_options({"decode.window_overlap": 3})
     with pytest.raises(SpecError, match="decode.tile overlap 64 px must be smaller than the tile size 64 px"):
-        DEFAULTS.with_options({"decode.tile": 64})
+        DEFAULTS.with_options({"decode.tile": 64, "decode.tile_mode": "fast"})
+    assert DEFAULTS.with_options({"decode.tile": 64}).decode.tile_mode == "exact"  # exact tiles need no overlap
     with pytest.raises(SpecError, match=r"seed must be in \[0, 18446744073709551615\], got -1"):
         DEFAULTS.with_options({"seed": -1})
     with pytest.raises(SpecError, match=r"output.target must be two integers"):

@@ -1,4 +1,13 @@
-"""STAR's sampling composition: start latent, CFG + rescale denoiser over temporal chunks, DPM++(2M) SDE."""
+"""STAR's sampling composition: start latent, CFG + rescale denoiser over temporal chunks and spatial tiles,
+DPM++(2M) SDE.
+
+One denoiser evaluation visits a :class:`~star_core.windows.Grid` of windows, chunks × rows × columns of the latent
+``[B,C,F,h,w]`` (:func:`plan_evaluations`). Every window is one network call per CFG pass, with its own slice of
+the noisy latent and of the hint. The tiles of a chunk are blended first (the positive and the negative
+predictions separately, MultiDiffusion style, with ramps that are never zero inside the frame); CFG and its std
+rescale then act on the whole chunk, exactly as on an untiled chunk, so the rescale's std is the official per-chunk
+one whatever the tiling. The chunks' x0 are blended last.
+"""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -6,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..geometry import VAE_FACTOR
+from ..model.unet import latent_size_fits
 from ..options import Section, SpecError, option
-from ..windows import Grid, official_overlap
+from ..windows import BLENDS, Grid, WindowPlan, official_overlap, plan_windows
 from .chunking import DEFAULT_FUSION, FUSIONS, plan_chunks
 from .guidance import cfg_rescale
 from .noise import BrownianTreeNoiseSampler, InjectedNoiseSampler
@@ -16,6 +27,9 @@ from .schedule import MODES, T_MAX, alphas_vp, c_in, diffuse, discretized_timest
 
 # model_fn(x [B,4,f,h,w], t LongTensor [B], context [B,77,1024], hint [B,4,f,h,w]) -> v-prediction [B,4,f,h,w]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+MAX_TILE = 16384  # pixels per side of a diffusion tile
+# The latent dims a diffusion tile cuts (rows, columns of [B,C,F,h,w]); the other grid axes are temporal chunks.
+TILE_DIMS = (3, 4)
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,11 @@ class SamplerSettings(Section):
         overlap (`int | None`): frames shared by neighbouring chunks (None: ``chunk_len // 4``; official: fixed L/2).
         fusion (`str`): ``"official"`` hard cuts, or ``"linear"``/``"hann"`` cross-fades of the chunks' x0.
         batch_cfg (`bool`): run the positive and negative passes as one batch of 2 (same numbers, faster on GPU).
+        tile (`tuple[int, int] | None`): diffusion tile (height, width) in pixels of the padded frame; each side is
+            rounded down to a size the network accepts (:func:`tile_cells`). None: whole frames (official).
+        tile_overlap (`int | None`): pixels shared by neighbouring tiles, rounded down to latent cells (None: a
+            quarter of the tile, at least one cell).
+        tile_blend (`str`): ``"linear"`` or ``"hann"`` ramps across the tile overlaps.
     """
 
     PREFIX = "sampler"
@@ -54,8 +73,25 @@ class SamplerSettings(Section):
                          "cross-fades (smoother seams on long videos).", choices=FUSIONS)
     batch_cfg: bool = option(False, "Run the positive and negative passes as one batch of 2 (same numbers, "
                              "faster on GPUs, more memory).")
+    tile: tuple[int, int] | None = option(
+        None, "Diffusion tile (height, width) in pixels: every model call sees at most this much of the frame, "
+        "rounded down to sizes the network accepts (STAR: heights 16 + 64k, widths 64k px). Unset: whole frames "
+        "(official). Smaller tiles need less memory; overlapping tiles are blended.", kind=tuple)
+    tile_overlap: int | None = option(None, "Pixels shared by neighbouring diffusion tiles (automatic: a quarter of "
+                                      "the tile).", minimum=0, maximum=MAX_TILE, kind=int)
+    tile_blend: str = option("linear", "How overlapping diffusion tiles are blended: linear or hann ramps (never "
+                             "zero inside the frame).", choices=BLENDS)
 
     def check(self) -> None:
+        if self.tile is not None:
+            if not isinstance(self.tile, tuple) or len(self.tile) != 2 or any(
+                    not isinstance(v, int) or isinstance(v, bool) or not VAE_FACTOR <= v <= MAX_TILE
+                    for v in self.tile):
+                raise SpecError(self.path("tile"), f"must be two integers (height, width) in [{VAE_FACTOR}, "
+                                f"{MAX_TILE}] pixels, got {self.tile!r}")
+            if self.tile_overlap is not None and self.tile_overlap >= min(self.tile):
+                raise SpecError(self.path("tile_overlap"), f"({self.tile_overlap} px) must be smaller than the tile "
+                                f"({self.tile[0]}x{self.tile[1]} px)")
         if self.overlap is not None and self.fusion != "official" and self.overlap >= self.chunk_len:
             raise SpecError(self.path("overlap"), f"({self.overlap}) must be smaller than the chunk length "
                             f"({self.chunk_len})")
@@ -69,16 +105,97 @@ class SamplerSettings(Section):
 EvaluationCallback = Callable[[int, int], None]
 
 
-def plan_evaluations(latent_shape: Sequence[int], settings: SamplerSettings) -> Grid:
+@dataclass(frozen=True)
+class Replan:
+    """
+    What the denoiser does when an evaluation fails for lack of memory: it asks for smaller windows and evaluates
+    again (the solver state is kept, so finished steps are not lost).
+
+    Parameters:
+        matches (`Callable[[BaseException], bool]`): whether an error means "out of memory" (others propagate).
+        smaller (`Callable[[Grid, BaseException], Grid]`): the next, smaller grid after ``grid`` ran out of memory;
+            raises (e.g. `star_core.memory.NoPlanFits`, chained to the error) when nothing smaller is left.
+    """
+
+    matches: Callable[[BaseException], bool]
+    smaller: Callable[[Grid, BaseException], Grid]
+
+
+def tile_cells(pixels: int, length: int, levels: int | None, axis: str) -> int:
+    """
+    Latent cells of a diffusion tile on one axis: the largest size of at most ``pixels // 8`` cells that the
+    network accepts (:func:`star_core.model.unet.latent_size_fits`; the smallest accepted size when none is that
+    small), or the whole axis when that is not longer.
+
+    Parameters:
+        pixels (`int`): the requested tile side in pixels.
+        length (`int`): latent cells on the axis.
+        levels (`int`, *optional*): resolution levels of the network; None accepts every size.
+        axis (`str`): ``"h"`` or ``"w"``.
+    """
+    cells = max(1, pixels // VAE_FACTOR)
+    if cells >= length:
+        return length
+    if levels is None:
+        return cells
+    fitting = [size for size in range(cells, 0, -1) if latent_size_fits(size, levels, axis)]
+    if fitting:
+        return fitting[0]
+    return next((size for size in range(cells + 1, length) if latent_size_fits(size, levels, axis)), length)
+
+
+def plan_tile_axis(length: int, settings: SamplerSettings, levels: int | None, axis: str) -> WindowPlan:
+    """
+    The diffusion tiles of ``settings`` along one latent axis (a single window when tiling is off or the tile
+    covers the axis).
+
+    Parameters:
+        length (`int`): latent cells on the axis.
+        settings (`SamplerSettings`): tile, overlap and blend.
+        levels (`int`, *optional*): resolution levels of the network (its size rule); None accepts every size.
+        axis (`str`): ``"h"`` (rows) or ``"w"`` (columns).
+    """
+    if settings.tile is None:
+        return plan_windows(length, length)
+    size = tile_cells(settings.tile[0 if axis == "h" else 1], length, levels, axis)
+    if size >= length:
+        return plan_windows(length, length)
+    if settings.tile_overlap is None:  # automatic: a quarter of the tile, at least one cell so seams blend
+        overlap = min(max(1, size // 4), size - 1)
+    else:
+        overlap = settings.tile_overlap // VAE_FACTOR
+    if overlap >= size:
+        name = "height" if axis == "h" else "width"
+        raise ValueError(f"sampler.tile_overlap ({settings.tile_overlap} px) must be smaller than the tile {name} "
+                         f"the network accepts ({size * VAE_FACTOR} px for a tile of {settings.tile[0]}x"
+                         f"{settings.tile[1]} px): lower the overlap or enlarge the tile")
+    return plan_windows(length, size, overlap, settings.tile_blend)
+
+
+def plan_evaluations(latent_shape: Sequence[int], settings: SamplerSettings, levels: int | None = None) -> Grid:
     """
     The windows one denoiser evaluation visits on a latent ``[B,C,F,h,w]``: the temporal chunks of ``settings``
-    (dim 2). One window means one network call per CFG pass.
+    (dim 2) × the spatial tiles (rows, dim 3; columns, dim 4), chunk-major. One window means one network call per
+    CFG pass; without tiles the spatial axes are single windows.
 
     Parameters:
         latent_shape (`Sequence[int]`): shape of the latent.
-        settings (`SamplerSettings`): chunk length, overlap and fusion.
+        settings (`SamplerSettings`): chunk length, overlap and fusion; tile, tile overlap and blend.
+        levels (`int`, *optional*): resolution levels of the network (:func:`network_levels`), whose size rule
+            every tile obeys; None accepts every tile size (a model without size rules).
     """
-    return Grid((plan_chunks(int(latent_shape[2]), settings.chunk_len, settings.overlap, settings.fusion),), (2,))
+    frames, height, width = (int(n) for n in latent_shape[2:5])
+    return Grid((plan_chunks(frames, settings.chunk_len, settings.overlap, settings.fusion),
+                 plan_tile_axis(height, settings, levels, "h"), plan_tile_axis(width, settings, levels, "w")),
+                (2, 3, 4))
+
+
+def network_levels(model: object) -> int | None:
+    """Resolution levels of a STAR network, or of a ``model_fn`` carrying its ``config`` (as
+    :func:`star_core.pipeline.model_function` makes); None for a model without a STAR config."""
+    config = getattr(model, "config", None)
+    dim_mult = getattr(config, "dim_mult", None)
+    return len(dim_mult) if dim_mult is not None else None
 
 
 def model_passes(cfg: float, batch_cfg: bool) -> int:
@@ -87,42 +204,58 @@ def model_passes(cfg: float, batch_cfg: bool) -> int:
 
 
 class StarDenoiser:
-    """The official ``model_fn``/``model_chunk_fn``: ``(x, sigma) -> x0`` with CFG + rescale per window.
+    """The official ``model_fn``/``model_chunk_fn``: ``(x, sigma) -> x0`` with CFG + rescale per chunk.
 
     The network gets ``x·c_in(sigma)`` (continuous sigma) and the rounded integer t; x0 uses alpha/sigma of that
-    rounded t (the official quirk). Windows (temporal chunks) are denoised one after another and blended into one
-    full-size x0 by the grid's weights; a single window is the plain official call.
+    rounded t (the official quirk). Chunks are denoised one after another and their x0 blended into one full-size
+    x0 by the grid's weights; within a chunk the network runs tile by tile, the tiles' positive and negative
+    predictions are blended over the chunk, and CFG + rescale act on the blended chunk (module docstring). A single
+    window is the plain official call.
 
     Parameters:
         model_fn (`ModelFn`): v-prediction network call.
         hint (`torch.Tensor`): clean LR latent ``[1,4,F,h,w]`` (ControlNet hint).
         positive (`torch.Tensor`): positive text context ``[1,77,D]``.
         negative (`torch.Tensor`): negative text context ``[1,77,D]``.
-        grid (`Grid`): the windows of one evaluation and their blending weights (see :func:`plan_evaluations`).
+        grid (`Grid`): the windows of one evaluation and their blending weights (see :func:`plan_evaluations`);
+            axes on dims 3 and 4 are spatial tiles, the others temporal chunks.
         cfg (`float`): guidance scale.
         rescale (`float`): std rescale strength.
         batch_cfg (`bool`): one batch of 2 instead of two passes.
         on_evaluation (`Callable`, *optional*): ``on_evaluation(done, total)`` before every network call, with
             ``total`` = calls per denoiser evaluation × ``evaluations``; raising stops the run.
         evaluations (`int`): denoiser evaluations the run will make (for ``total``).
+        replan (`Replan`, *optional*): smaller windows after an out-of-memory error; the failed evaluation is
+            repeated with them, and they are kept for the rest of the run.
     """
 
     def __init__(self, model_fn: ModelFn, hint: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                  grid: Grid, cfg: float, rescale: float, batch_cfg: bool = False, *,
-                 on_evaluation: EvaluationCallback | None = None, evaluations: int = 1) -> None:
+                 on_evaluation: EvaluationCallback | None = None, evaluations: int = 1,
+                 replan: Replan | None = None) -> None:
         self.model_fn = model_fn
         self.hint = hint
         self.positive = positive
         self.negative = negative
-        self.grid = grid
         self.cfg = cfg
         self.rescale = rescale
         self.batch_cfg = batch_cfg
         self.on_evaluation = on_evaluation
+        self.replan = replan
         self.calls = 0
-        self.total_calls = evaluations * len(grid) * model_passes(cfg, batch_cfg)
+        self.evaluations = evaluations
+        self.evaluated = 0  # evaluations finished
+        self.use_grid(grid)
         self._sigmas_vp = sigmas_vp().to(hint.device)
         self._alphas_vp = alphas_vp().to(hint.device)
+
+    def use_grid(self, grid: Grid) -> None:
+        """Evaluates with ``grid``'s windows from now on (the call total counts the remaining evaluations with it)."""
+        self.grid = grid
+        self.chunks = grid.part([dim for dim in grid.dims if dim not in TILE_DIMS])
+        self.tiles = grid.part(TILE_DIMS)
+        per_evaluation = len(grid) * model_passes(self.cfg, self.batch_cfg)
+        self.total_calls = self.calls + (self.evaluations - self.evaluated) * per_evaluation
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
         if self.on_evaluation is not None:
@@ -131,32 +264,64 @@ class StarDenoiser:
         self.calls += 1
         return v
 
-    def _v(self, xt: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+    def _passes(self, xt: torch.Tensor, t: torch.Tensor,
+                hint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The positive and negative v of one window (no negative when ``cfg == 1``)."""
         if self.cfg == 1:
-            return self._call(xt, t, self.positive, hint)
+            return self._call(xt, t, self.positive, hint), None
         if self.batch_cfg:
             both = self._call(torch.cat([xt, xt]), t.repeat(2), torch.cat([self.positive, self.negative]),
                               torch.cat([hint, hint]))
             cond, uncond = both.chunk(2)
-        else:
-            cond = self._call(xt, t, self.positive, hint)
-            uncond = self._call(xt, t, self.negative, hint)
-        return cfg_rescale(cond, uncond, self.cfg, self.rescale)
+            return cond, uncond
+        return self._call(xt, t, self.positive, hint), self._call(xt, t, self.negative, hint)
+
+    def _guide(self, cond: torch.Tensor, uncond: torch.Tensor | None) -> torch.Tensor:
+        return cond if uncond is None else cfg_rescale(cond, uncond, self.cfg, self.rescale)
+
+    def _v(self, xt: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
+        """The guided v of one chunk: the network on every tile, the tiles blended, then CFG + rescale."""
+        if self.tiles is None or self.tiles.is_single():
+            return self._guide(*self._passes(xt, t, hint))
+        cond = torch.zeros_like(xt)
+        uncond = None if self.cfg == 1 else torch.zeros_like(xt)
+        for index in self.tiles.indices():
+            tile_cond, tile_uncond = self._passes(self.tiles.slice(xt, index).contiguous(), t,
+                                                  self.tiles.slice(hint, index).contiguous())
+            self.tiles.accumulate(cond, index, tile_cond)
+            if uncond is not None:
+                self.tiles.accumulate(uncond, index, tile_uncond)
+            del tile_cond, tile_uncond  # free this tile's predictions before the next tile's forward
+        return self._guide(self.tiles.normalize(cond), None if uncond is None else self.tiles.normalize(uncond))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        while True:
+            start = self.calls
+            try:
+                x0 = self._evaluate(x, sigma)
+                self.evaluated += 1
+                return x0
+            except BaseException as error:
+                if self.replan is None or not self.replan.matches(error):
+                    raise
+                failure = error.with_traceback(None)  # its frames would keep the failed evaluation's tensors
+            self.calls = start  # the repeated evaluation's calls replace the failed one's
+            self.use_grid(self.replan.smaller(self.grid, failure))
+
+    def _evaluate(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         xt = x * c_in(sigma)
         t = model_timestep(sigma, len(xt)).to(x.device)
         shape = (-1,) + (1,) * (xt.ndim - 1)
         alpha_t, sigma_t = self._alphas_vp[t].view(shape), self._sigmas_vp[t].view(shape)
-        if self.grid.is_single():
+        if self.chunks is None or self.chunks.is_single():
             return alpha_t * xt - sigma_t * self._v(xt, t, self.hint)
         acc = torch.zeros_like(xt)
-        for index in self.grid.indices():
-            xt_window = self.grid.slice(xt, index).contiguous()
-            v = self._v(xt_window, t, self.grid.slice(self.hint, index).contiguous())
-            self.grid.accumulate(acc, index, alpha_t * xt_window - sigma_t * v)
+        for index in self.chunks.indices():
+            xt_window = self.chunks.slice(xt, index).contiguous()
+            v = self._v(xt_window, t, self.chunks.slice(self.hint, index).contiguous())
+            self.chunks.accumulate(acc, index, alpha_t * xt_window - sigma_t * v)
             del v  # free this window's prediction before the next window's forward
-        return self.grid.normalize(acc)
+        return self.chunks.normalize(acc)
 
 
 def solver_sigmas(settings: SamplerSettings, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -182,6 +347,7 @@ def sample_star(
     callback: StepCallback | None = None,
     on_evaluation: EvaluationCallback | None = None,
     grid: Grid | None = None,
+    replan: Replan | None = None,
 ) -> torch.Tensor:
     """STAR's ``sample_sr``: noise the LR latent to ``t_max``, then DPM++(2M) SDE with CFG + rescale and chunking.
 
@@ -197,7 +363,9 @@ def sample_star(
         callback (`Callable`, *optional*): ``callback(step, total, x, x0)`` after every solver step; raise to stop.
         on_evaluation (`Callable`, *optional*): ``on_evaluation(done, total)`` before every network call; raise to
             stop (the run then stops within one network call).
-        grid (`Grid`, *optional*): the windows of one evaluation (default :func:`plan_evaluations`).
+        grid (`Grid`, *optional*): the windows of one evaluation (default :func:`plan_evaluations`, with the size
+            rule of ``model_fn``'s config when it carries one, see :func:`network_levels`).
+        replan (`Replan`, *optional*): smaller windows after an out-of-memory error (see :class:`StarDenoiser`).
 
     Returns:
         `torch.Tensor`: the sampled latent ``[1,4,F,h,w]``.
@@ -217,7 +385,8 @@ def sample_star(
         for k, noise in enumerate(brownian):
             _check_latent(f"brownian[{k}]", noise, lr_latent)
         noise_sampler = InjectedNoiseSampler(brownian)
-    grid = plan_evaluations(lr_latent.shape, settings) if grid is None else grid
+    grid = plan_evaluations(lr_latent.shape, settings, network_levels(model_fn)) if grid is None else grid
     denoiser = StarDenoiser(model_fn, lr_latent, positive, negative, grid, settings.cfg, settings.rescale,
-                            settings.batch_cfg, on_evaluation=on_evaluation, evaluations=len(sigmas) - 1)
+                            settings.batch_cfg, on_evaluation=on_evaluation, evaluations=len(sigmas) - 1,
+                            replan=replan)
     return sample_dpmpp_2m_sde(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import slicing
 from .config import GROUPS
 
 
@@ -77,13 +78,32 @@ class ResBlock(nn.Module):
                                 else operations.Conv2d(channels, out_channels, 1, **kw))
         self.temopral_conv = TemporalConvBlock(out_channels, operations, device, dtype)  # sic: official key name
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, batch: int) -> torch.Tensor:
-        """``x`` ``[(b·f), C, H, W]``, ``emb`` ``[(b·f), emb_channels]``, ``batch`` = b → ``[(b·f), out, H, W]``."""
+    def _spatial(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The per-frame part on ``x`` ``[n, C, H, W]`` with the projected embedding ``emb`` ``[n, out, 1, 1]``."""
         h = run_conv(self.in_layers[2], self.in_layers[1](self.in_layers[0](x)))
-        h = h + self.emb_layers(emb)[:, :, None, None].to(h.dtype)
+        h = h + emb.to(h.dtype)
         h = self.out_layers[1](self.out_layers[0](h))
         skip = x if isinstance(self.skip_connection, nn.Identity) else run_conv(self.skip_connection, x)
-        h = skip + run_conv(self.out_layers[3], h)
+        return skip + run_conv(self.out_layers[3], h)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, batch: int) -> torch.Tensor:
+        """
+        ``x`` ``[(b·f), C, H, W]``, ``emb`` ``[(b·f), emb_channels]``, ``batch`` = b → ``[(b·f), out, H, W]``.
+        Frames are independent until the temporal convs (GroupNorm is per frame), so large inputs go through the
+        spatial part in frame slices of bounded memory (`star_core.model.slicing`).
+        """
+        emb = self.emb_layers(emb)[:, :, None, None]
+        n, _, hh, ww = x.shape
+        step = slicing.rows_per_slice(max(x.shape[1], emb.shape[1]) * hh * ww)
+        if step >= n:
+            h = self._spatial(x, emb)
+        else:
+            first = self._spatial(x[:step], emb[:step])
+            h = first.new_empty(n, *first.shape[1:])
+            h[:step] = first
+            del first
+            for i in range(step, n, step):
+                h[i:i + step] = self._spatial(x[i:i + step], emb[i:i + step])
         n, c, hh, ww = h.shape
         f = n // batch
         h = h.view(batch, f, c, hh, ww).transpose(1, 2)

@@ -7,18 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import slicing
 from .attention import attention
 from .config import GROUPS
 from .liem import SpatialLIEM, TemporalLIEM
 
 
-# Largest intermediate one transformer slice may create, in elements (the GEGLU projection: tokens x 8 x width).
-SLICE_ELEMENTS = 1 << 26
-
-
 def _rows_per_slice(tokens_per_row: int, width: int) -> int:
-    """How many independent rows (frames or positions) of ``tokens_per_row`` tokens fit in `SLICE_ELEMENTS`."""
-    return max(1, SLICE_ELEMENTS // (tokens_per_row * width * 8))
+    """How many independent rows (frames or positions) of ``tokens_per_row`` tokens fit in one slice (the largest
+    intermediate is the GEGLU projection: tokens x 8 x width)."""
+    return slicing.rows_per_slice(tokens_per_row * width * 8)
 
 
 class Attention(nn.Module):

@@ -15,33 +15,40 @@ from .resblock import ResBlock, Upsample
 from .transformer import SpatialTransformer, TemporalTransformer
 
 
+def latent_size_fits(size: int, levels: int, axis: str) -> bool:
+    """
+    Whether a latent height (``axis="h"``) or width (``axis="w"``) of ``size`` cells comes back to the same size
+    through the UNet's down/up path: each Downsample gives H → ⌊(H+1)/2⌋+1, W → ⌊(W-1)/2⌋+1 and each Upsample
+    H → 2H-2, W → 2W, so every downsampled level must be even. For the released 4-level network this is
+    H ≡ 2 (mod 8), W ≡ 0 (mod 8).
+
+    Parameters:
+        size (`int`): latent cells on the axis (≥ 1).
+        levels (`int`): number of resolution levels (``len(config.dim_mult)``).
+        axis (`str`): ``"h"`` or ``"w"``.
+    """
+    if axis not in ("h", "w"):
+        raise ValueError(f"axis must be 'h' or 'w', got {axis!r}")
+    for _ in range(levels - 1):
+        if size % 2:
+            return False
+        size = (size + 1) // 2 + 1 if axis == "h" else (size - 1) // 2 + 1
+    return True
+
+
 def check_latent_size(height: int, width: int, levels: int) -> None:
     """
     Raises ValueError unless a latent of this size comes back to the same size through the UNet's down/up path
-    (each Downsample gives H → ⌊(H+1)/2⌋+1, W → ⌊(W-1)/2⌋+1 and each Upsample H → 2H-2, W → 2W, so every
-    downsampled level must have even height and width).
+    (see :func:`latent_size_fits`).
 
     Parameters:
         height (`int`): latent height.
         width (`int`): latent width.
         levels (`int`): number of resolution levels (``len(config.dim_mult)``).
     """
-    def fits(size: int, down) -> bool:
-        for _ in range(levels - 1):
-            if size % 2:
-                return False
-            size = down(size)
-        return True
-
-    def fits_h(h: int) -> bool:
-        return fits(h, lambda s: (s + 1) // 2 + 1)
-
-    def fits_w(w: int) -> bool:
-        return fits(w, lambda s: (s - 1) // 2 + 1)
-
-    if not (fits_h(height) and fits_w(width)):
-        ok_h = [h for h in range(max(1, height - 8), height + 9) if fits_h(h)]
-        ok_w = [w for w in range(max(1, width - 16), width + 17) if fits_w(w)]
+    if not (latent_size_fits(height, levels, "h") and latent_size_fits(width, levels, "w")):
+        ok_h = [h for h in range(max(1, height - 8), height + 9) if latent_size_fits(h, levels, "h")]
+        ok_w = [w for w in range(max(1, width - 16), width + 17) if latent_size_fits(w, levels, "w")]
         raise ValueError(f"latent size {height}x{width} does not fit the {levels}-level STAR UNet: pad the latent to a "
                          f"valid size (valid heights near {height}: {ok_h}; valid widths near {width}: {ok_w})")
 
@@ -145,6 +152,13 @@ class STARUNet(nn.Module):
             frames = apply_layer(layer, frames, cond)
         frames = next(controls) + frames
         for block in self.output_blocks:
-            frames = run_block(block, torch.cat([frames, skips.pop()], dim=1), cond)
+            # Every decoder block starts with a ResBlock on [frames, skip]; dropping each name as soon as its tensor
+            # is consumed keeps neither the previous output nor the concatenation alive for the rest of the block.
+            joined = torch.cat([frames, skips.pop()], dim=1)
+            del frames
+            frames = apply_layer(block[0], joined, cond)
+            del joined
+            for layer in block[1:]:
+                frames = apply_layer(layer, frames, cond)
         out = self.out(frames)
         return out.view(b, f, -1, h, w).transpose(1, 2).contiguous()

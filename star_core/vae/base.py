@@ -33,21 +33,42 @@ ProgressCallback = Callable[[int, int], None]
 OFFICIAL_WINDOW = 3
 
 
+TILING_MODES = ("exact", "fast")
+PARK_CHOICES = ("auto", "device", "host")
+
+
 @dataclass(frozen=True)
 class SpatialTiling:
     """Spatial tiles in output pixels (decode) or input pixels (encode).
 
     Parameters:
-        tile (`int`): tile edge in pixels, a positive multiple of 8.
-        overlap (`int`): pixels shared by neighbouring tiles (multiple of 8, smaller than ``tile``); the tiles are
-            blended with linear ramps across the overlap (see `star_core.windows`).
+        tile (`int`): tile edge in pixels, a positive multiple of 8 (the last row/column of tiles may be
+            narrower).
+        overlap (`int`): ``fast`` mode only: pixels shared by neighbouring tiles (multiple of 8, smaller than
+            ``tile``), blended with linear ramps across the overlap (see `star_core.windows`).
+        mode (`str`, *optional*, defaults to ``"exact"``): ``"exact"`` equals the untiled VAE up to float
+            rounding: the tiles run in lockstep, every GroupNorm uses the statistics of the whole frame (window)
+            and the mid-block attention attends over the whole frame (`star_core.vae.exact`); ``"fast"`` decodes
+            independent overlapping tiles and blends them (less memory traffic, but each tile normalises with its
+            own statistics: visibly different from untiled on non-uniform content).
+        park (`str`, *optional*, defaults to ``"auto"``): ``exact`` mode only: where the full-frame activations
+            wait between layers: ``"device"``, ``"host"`` (CPU memory; one host-device round trip per layer) or
+            ``"auto"`` (on the device while it keeps room for a tile's working set).
     """
 
     tile: int
     overlap: int
+    mode: str = "exact"
+    park: str = "auto"
 
     def __post_init__(self) -> None:
-        validate_tile("VAE tile", self.tile, self.overlap)
+        # exact tiles do not overlap (their halos follow from the network): the overlap matters to fast tiles only
+        validate_tile("VAE tile", self.tile, self.overlap if self.mode == "fast" else 0)
+        if self.mode not in TILING_MODES:
+            raise ValueError(f"VAE tiling mode {self.mode!r} is invalid: use 'exact' (equals untiled) or 'fast' "
+                             "(independent feathered tiles)")
+        if self.park not in PARK_CHOICES:
+            raise ValueError(f"VAE tiling park={self.park!r} is invalid: use 'auto', 'device' or 'host'")
 
 
 class VideoVAE(Protocol):

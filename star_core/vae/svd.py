@@ -12,7 +12,8 @@ from ..checkpoint import load_state_dict_file
 from ..identify import VAE_NEEDS, describe_weights
 from .base import OFFICIAL_WINDOW, ProgressCallback, SpatialTiling
 from .convert_svd import DIFFUSERS_MARKER, SVD_MARKER, infer_config, strip_checkpoint_prefix, svd_to_diffusers
-from .tiled import decode_windows, encode_moments
+from .exact import Program, Tick, TileGrid, decoder_program, encoder_program, progress_ticker, run_exact
+from .tiled import DecodeFn, MomentsFn, decode_windows, encode_moments, temporal_plan
 
 # diffusers writes these names in a model folder (``variant`` inserts e.g. ``.fp16`` before the suffix).
 WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -38,6 +39,7 @@ class SVDVideoVAE:
         self.scaling_factor = float(model.config.scaling_factor)
         self.latent_channels = int(model.config.latent_channels)
         self.downscale = 2 ** (len(model.config.block_out_channels) - 1)
+        self._programs: dict[str, Program] = {}  # exact-tiling programs, built on first use
 
     @property
     def device(self) -> torch.device:
@@ -55,13 +57,58 @@ class SVDVideoVAE:
             x = pixels.to(self.device, self.dtype).contiguous()
             return self.model.quant_conv(self.model.encoder(x))
 
+    def _decode_context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.no_grad())
+        if self.decode_autocast is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.decode_autocast))
+        return stack
+
     def _decode(self, z: torch.Tensor, num_frames: int) -> torch.Tensor:
-        device = self.device
-        autocast = (torch.autocast(device.type, dtype=self.decode_autocast) if self.decode_autocast is not None
-                    else contextlib.nullcontext())
-        with torch.no_grad(), autocast:
-            z = z.to(device, self.dtype) / self.scaling_factor
+        with self._decode_context():
+            z = z.to(self.device, self.dtype) / self.scaling_factor
             return self.model.decode(z, num_frames=num_frames).sample
+
+    def _program(self, part: str) -> Program:
+        """The exact-tiling program of the encoder or decoder (built once; it holds the model's modules)."""
+        if part not in self._programs:
+            self._programs[part] = (encoder_program if part == "encoder" else decoder_program)(self.model)
+        return self._programs[part]
+
+    def _exact(self, part: str, x: torch.Tensor, grid: TileGrid, tiling: SpatialTiling,
+               tick: Tick | None) -> torch.Tensor:
+        return run_exact(self._program(part), x, grid, device=self.device, park=tiling.park, tick=tick)
+
+    def _exact_moments_fn(self, height: int, width: int, count: int, tiling: SpatialTiling,
+                          callback: ProgressCallback | None) -> MomentsFn | None:
+        """Per-frame exact tiled encoder for ``count`` frames of ``height × width`` pixels (None: one tile)."""
+        f = self.downscale
+        grid = TileGrid.plan(-(-height // f), -(-width // f), tiling.tile // f)
+        if len(grid) == 1:
+            return None
+        tick = progress_ticker(callback, count * self._program("encoder").sweeps * len(grid))
+
+        def moments(pixels: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                x = pixels.to(self.dtype).contiguous()  # stays where it is; tiles move to the device
+                return self._exact("encoder", x, grid, tiling, tick)
+
+        return moments
+
+    def _exact_decode_fn(self, latent: torch.Tensor, windows: int, tiling: SpatialTiling,
+                         callback: ProgressCallback | None) -> DecodeFn | None:
+        """Per-window exact tiled decoder for ``windows`` windows of ``latent`` (None: one tile)."""
+        grid = TileGrid.plan(latent.shape[3], latent.shape[4], tiling.tile // self.downscale)
+        if len(grid) == 1:
+            return None
+        tick = progress_ticker(callback, windows * self._program("decoder").sweeps * len(grid))
+
+        def decode(z: torch.Tensor, num_frames: int) -> torch.Tensor:
+            with self._decode_context():
+                z = z.to(self.device, self.dtype) / self.scaling_factor
+                return self._exact("decoder", z, grid, tiling, tick)
+
+        return decode
 
     def _check_frames(self, frames: torch.Tensor) -> None:
         if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] < 1 or not frames.is_floating_point():
@@ -75,14 +122,20 @@ class SVDVideoVAE:
 
         Parameters:
             frames (`torch.Tensor`): ``[T,3,H,W]`` in [-1, 1]; sizes not divisible by 8 are edge-padded.
-            tiling (`SpatialTiling`, *optional*): spatial tiles in input pixels (moments are blended).
-            callback (`ProgressCallback`, *optional*): per-tile progress; raising interrupts.
+            tiling (`SpatialTiling`, *optional*): spatial tiles in input pixels (exact, or blended moments).
+            callback (`ProgressCallback`, *optional*): progress per tile (fast) or per tile and layer step
+                (exact), per frame untiled; raising interrupts.
 
         Returns:
             `tuple[torch.Tensor, torch.Tensor]`: ``mean`` and ``std``, each ``[T,C,ceil(H/8),ceil(W/8)]`` float32.
         """
         self._check_frames(frames)
-        moments = encode_moments(self._moments, frames, self.downscale, tiling=tiling, callback=callback)
+        moments_fn = self._moments
+        if tiling is not None and tiling.mode == "exact":
+            # tiles inside each frame's encode; a single tile is the untiled encode
+            exact = self._exact_moments_fn(frames.shape[2], frames.shape[3], frames.shape[0], tiling, callback)
+            moments_fn, tiling, callback = (moments_fn, None, callback) if exact is None else (exact, None, None)
+        moments = encode_moments(moments_fn, frames, self.downscale, tiling=tiling, callback=callback)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
 
@@ -124,8 +177,9 @@ class SVDVideoVAE:
             window (`int`, *optional*, defaults to 3): frames per temporal-decoder call (official 3).
             window_overlap (`int`, *optional*, defaults to 0): frames shared by neighbouring windows; 0 is the
                 official chunking (last window may be shorter), > 0 blends full-size overlapping windows.
-            tiling (`SpatialTiling`, *optional*): spatial tiles in output pixels.
-            callback (`ProgressCallback`, *optional*): per-tile progress; raising interrupts.
+            tiling (`SpatialTiling`, *optional*): spatial tiles in output pixels (exact or feathered).
+            callback (`ProgressCallback`, *optional*): progress per tile (fast) or per tile and layer step
+                (exact), per window untiled; raising interrupts.
 
         Returns:
             `torch.Tensor`: ``[T,3,8h,8w]`` float32 in about [-1, 1] (not clamped), on ``latent.device``.
@@ -136,7 +190,13 @@ class SVDVideoVAE:
         if window < 1 or not 0 <= window_overlap < window:
             raise ValueError(f"VAE decode: need window >= 1 and 0 <= window_overlap < window, got window={window}, "
                              f"window_overlap={window_overlap}")
-        return decode_windows(self._decode, latent, self.downscale, window=window, window_overlap=window_overlap,
+        decode_fn = self._decode
+        if tiling is not None and tiling.mode == "exact":
+            # tiles inside each window's decode; a single tile is the untiled decode
+            windows = len(temporal_plan(latent.shape[2], window, window_overlap))
+            exact = self._exact_decode_fn(latent, windows, tiling, callback)
+            decode_fn, tiling, callback = (decode_fn, None, callback) if exact is None else (exact, None, None)
+        return decode_windows(decode_fn, latent, self.downscale, window=window, window_overlap=window_overlap,
                               tiling=tiling, callback=callback)
 
 

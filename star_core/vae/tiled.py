@@ -1,4 +1,9 @@
-"""Tiled, windowed encode and decode over any per-tile VAE function, planned and blended by :mod:`star_core.windows`.
+"""Tiled, windowed encode and decode over any per-tile VAE function, planned and blended by :mod:`star_core.windows`
+(the ``fast`` tiling, and the temporal windows of every decode).
+
+The tiles here are independent (each normalises with its own statistics and attends only to itself), so they
+approximate the untiled VAE; `star_core.vae.exact` is the exact tiling (it runs inside one call of the functions
+below, with ``tiling=None`` here).
 
 Each tile is computed on its own and added, weighted, into one float32 accumulator on the caller's device, so the
 working memory of the network is bounded by the tile (and window) size. A plan with a single tile and no temporal

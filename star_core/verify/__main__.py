@@ -10,7 +10,7 @@ from pathlib import Path
 from .report import Report
 
 # Group modules in run order; each exposes run(fixture_dir, report) -> bool (False: no files of that group).
-GROUPS = ("units", "colour", "helpers", "forward", "sampling", "text", "vae", "e2e")
+GROUPS = ("units", "colour", "helpers", "forward", "sampling", "text", "vae", "train", "e2e")
 
 
 def run_group(name: str, directory: Path, report: Report) -> bool:

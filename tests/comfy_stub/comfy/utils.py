@@ -4,6 +4,7 @@ from __future__ import annotations
 from . import model_management
 
 updates: list[tuple[int, int]] = []   # (value, total) of every update, in order
+previews: list = []                    # the preview of every update that had one
 
 
 class ProgressBar:
@@ -16,6 +17,8 @@ class ProgressBar:
             self.total = total
         self.current = min(value, self.total)
         updates.append((self.current, self.total))
+        if preview is not None:
+            previews.append(preview)
         model_management.throw_exception_if_processing_interrupted()
 
     def update(self, value: int) -> None:
