@@ -17,7 +17,8 @@ from star_core.pipeline import prepare_lr
 from star_core.vae import load_svd_vae
 from star_core.checkpoint import file_sha256
 from star_core.verify.e2e import (
-    ENCODER_DTYPE, POSTERIOR_FLOOR_FACTOR, POSTERIOR_KEYS, POSTERIOR_TOL_MAX, TOL_LATENT, check_posterior,
+    ENCODER_DTYPE, POSTERIOR_FLOOR_FACTOR, POSTERIOR_KEYS, POSTERIOR_MIN_FLOOR, POSTERIOR_TOL_MAX, TOL_LATENT,
+    check_posterior,
     fp32_posterior_floor, posterior_budget,
 )
 from star_core.verify.report import Report
@@ -98,14 +99,16 @@ def test_verify_posterior_budget_against_the_official_codes_own_rerun(fixtures_d
         print(f"{key}: official rerun {official[key]:.2e}, ours float64 {ours:.2e}, ours fp32 {users:.2e}, "
               f"fp32 floor {floors[key]:.2e}, budget {budget:.1e}")
         assert ours <= official[key] and ours <= budget, (key, ours, official[key], budget)
-        assert users <= budget, (key, users, budget)
+        assert users <= budget and official[key] <= budget, (key, users, official[key], budget)
     # the fixed 1e-4 budget would fail the official code itself on this set
     assert official["posterior_std"] > TOL_LATENT
 
 
 def test_posterior_budget_follows_the_measured_floor():
-    assert posterior_budget(0.0) == TOL_LATENT  # never tighter than the latent budget
-    assert posterior_budget(8.6e-5) == pytest.approx(POSTERIOR_FLOOR_FACTOR * 8.6e-5)
+    # never below two roundings of the largest floor measured for the official code, which covers its own reruns
+    assert posterior_budget(0.0) == pytest.approx(POSTERIOR_FLOOR_FACTOR * POSTERIOR_MIN_FLOOR)
+    assert posterior_budget(0.0) > 1.16e-4
+    assert posterior_budget(2e-4) == pytest.approx(POSTERIOR_FLOOR_FACTOR * 2e-4)
     assert posterior_budget(1.0) == POSTERIOR_TOL_MAX
 
 
@@ -128,6 +131,10 @@ def test_check_posterior_lines(fixtures_dir, capsys):
         check_posterior(report, "set", exact, vae, encoder, pixels)
         assert report.failures == [] and report.count == 4
         assert "set/posterior_std: our fp32 encoder lands" in capsys.readouterr().out
+        # the recording off by as much as the official code's own rerun (1.16e-4): within the budget
+        report = Report()
+        check_posterior(report, "set", {k: v + 1.2e-4 for k, v in exact.items()}, vae, encoder, pixels)
+        assert report.failures == []
         # the recording off by more than the budget
         report = Report()
         check_posterior(report, "set", {k: v + 2 * POSTERIOR_TOL_MAX for k, v in exact.items()}, vae, encoder, pixels)

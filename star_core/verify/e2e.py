@@ -50,13 +50,15 @@ ENCODER_DTYPE = torch.float64
 # The recorded posterior is itself one fp32 run, off the exact value by its own rounding, and the official code
 # rerun on another thread count or machine lands farther still: on the shipped set the official code rerun on the
 # verify machine lands 6.6e-5 (2 threads) … 1.16e-4 (1 thread) from the recorded posterior_std, past TOL_LATENT,
-# while float64 lands 3.4e-5 … 3.6e-5 (tests/fixtures/official_posterior/README.md). So the posterior budget is
-# measured per set: max(TOL_LATENT, POSTERIOR_FLOOR_FACTOR × how far our fp32 encoder — bit-equal to the official
-# one at equal thread count — lands from float64, at 1 thread and at the run's thread count), up to
-# POSTERIOR_TOL_MAX. Over five geometries the 1-thread floor was 2.0e-5 … 8.6e-5 (budget 1e-4 … 1.7e-4); the
-# official code rerun (other thread count / ISA) stayed within 1.7 × the floor of its recording, ours in float64
-# within 1.4 ×.
-POSTERIOR_FLOOR_FACTOR, POSTERIOR_TOL_MAX = 2.0, 5e-4
+# while float64 lands 3.4e-5 … 3.6e-5 (tests/fixtures/official_posterior/README.md). How far one fp32 run lands
+# from float64 (the "floor") moves ~3x with the process's thread setup alone (2.8e-5 … 8.6e-5 on that std), so
+# a floor measured in one process under-reads the recording's. The posterior budget is therefore
+# POSTERIOR_FLOOR_FACTOR (two fp32 roundings: the recording's and a rerun's) × the larger of the floor measured on
+# the set's frames (our fp32 encoder, bit-equal to the official one at equal thread setup, at 1 thread and at the
+# run's thread count) and the largest floor measured for the official code (POSTERIOR_MIN_FLOOR), at most
+# POSTERIOR_TOL_MAX: 1.7e-4 on every set studied (five geometries, floors 2.0e-5 … 8.6e-5), which the official
+# code's own reruns stay within (≤ 1.16e-4) and ours in float64 lands well inside (≤ 5.9e-5).
+POSTERIOR_FLOOR_FACTOR, POSTERIOR_MIN_FLOOR, POSTERIOR_TOL_MAX = 2.0, 8.6e-5, 5e-4
 # The only solver configuration STAR's test() uses.
 OFFICIAL_SOLVER = {"solver": "dpmpp_2m_sde", "discretization": "trailing", "t_min": 0}
 
@@ -149,8 +151,8 @@ def check_posterior(report: Report, stem: str, data: dict[str, torch.Tensor], va
 
 
 def posterior_budget(floor: float) -> float:
-    """The posterior tolerance for a set whose fp32 floor is ``floor`` (see POSTERIOR_FLOOR_FACTOR)."""
-    return min(max(TOL_LATENT, POSTERIOR_FLOOR_FACTOR * floor), POSTERIOR_TOL_MAX)
+    """The posterior tolerance for a set whose measured fp32 floor is ``floor`` (see POSTERIOR_FLOOR_FACTOR)."""
+    return min(POSTERIOR_FLOOR_FACTOR * max(floor, POSTERIOR_MIN_FLOOR), POSTERIOR_TOL_MAX)
 
 
 def _settings(info: dict, report: Report, stem: str) -> SamplerSettings | None:
