@@ -16,7 +16,7 @@ import comfy.ops
 import comfy.utils
 from comfy.model_patcher import ModelPatcher
 
-from star_core import pipeline
+from star_core import autosize, pipeline
 from star_core.host import HostContext, ProgressEvent
 from star_core.identify import check_context_width
 from star_core.vae import SVDVideoVAE, build_vae
@@ -124,13 +124,15 @@ def attention_for(device: torch.device):
     return lambda q, k, v, heads: optimized_attention(q, k, v, heads)
 
 
-def context() -> HostContext:
-    """The host context of one node execution: ComfyUI's device, attention and free memory, progress bars with
-    previews, Cancel, ComfyUI's out-of-memory type."""
+def context(*models: torch.nn.Module) -> HostContext:
+    """The host context of one node execution: ComfyUI's device, attention and memory budget (its free memory plus
+    what the node's loaded `models` occupy there; the 'auto' sizes are chosen for it), progress bars with previews,
+    Cancel, ComfyUI's out-of-memory type. ComfyUI loads one stage's model at a time (not resident)."""
     device = mm.get_torch_device()
     return HostContext(device=device, progress=Progress(), interrupt=mm.throw_exception_if_processing_interrupted,
-                       attention=attention_for(device), memory_budget=mm.get_free_memory(device),
-                       log=logging.getLogger("star_vsr").info, oom_errors=(mm.OOM_EXCEPTION,))
+                       attention=attention_for(device),
+                       memory_budget=autosize.device_budget(device, models, free=mm.get_free_memory),
+                       resident=False, log=logging.getLogger("star_vsr").info, oom_errors=(mm.OOM_EXCEPTION,))
 
 
 class SVD_VAE(torch.nn.Module):  # noqa: N801 - ComfyUI logs "Requested to load <class name>" to the user
@@ -219,9 +221,10 @@ def encode_latent(vae, source, audio_from: str | None, spec) -> dict:
     geometry, the run's seed and the source (with the file holding its audio) for decoding later.
     """
     geometry = pipeline.plan(source.info, spec)
-    ctx = context()
+    video = video_vae(vae)
+    ctx = context(video.model)
     with ctx.scope():
-        latent = pipeline.encode_source(source, geometry, video_vae(vae), spec, host=ctx)
+        latent = pipeline.encode_source(source, geometry, video, spec, host=ctx)
     return {"samples": to_output(latent), GEOMETRY_KEY: geometry.to_dict(), SEED_KEY: spec.seed,
             SOURCE_KEY: (source, audio_from)}
 

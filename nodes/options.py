@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from star_core.colour import COLOUR_METHODS
 from star_core.geometry import PADDING_MODES
+from star_core.options import AUTO
 from star_core.spec import DEFAULTS, RunSpec, default
 
 
@@ -41,7 +42,8 @@ def encode_inputs() -> list:
                                "randomness)."),
         seed_input(),
         io.Int.Input("tile", default=0, min=0, max=8192, step=8,
-                     tooltip="Spatial encoder tile in pixels (multiple of 8); 0 = whole frames (official)."),
+                     tooltip="Spatial encoder tile in pixels (multiple of 8); 0 = auto: whole frames (official) "
+                             "when they fit ComfyUI's free memory, else the largest exact tile that does."),
         io.Int.Input("tile_overlap", default=default("encode.tile_overlap"), min=0, max=1024, step=8,
                      tooltip="Overlap of neighbouring encoder tiles in pixels (multiple of 8)."),
     ]
@@ -51,12 +53,14 @@ def decode_inputs() -> list:
     """The decoder's spatial tiles and temporal windows."""
     return [
         io.Int.Input("tile", default=0, min=0, max=8192, step=8,
-                     tooltip="Spatial tile edge in output pixels (multiple of 8); 0 = whole frames (official). "
-                             "Smaller tiles need less memory."),
+                     tooltip="Spatial tile edge in output pixels (multiple of 8); 0 = auto: whole frames "
+                             "(official) when they fit ComfyUI's free memory, else the largest exact tile that "
+                             "does. Smaller tiles need less memory."),
         io.Int.Input("tile_overlap", default=default("decode.tile_overlap"), min=0, max=1024, step=8,
                      tooltip="Overlap of neighbouring tiles in pixels (multiple of 8), feather-blended."),
-        io.Int.Input("temporal_window", default=default("decode.window"), min=1, max=256,
-                     tooltip="Frames per temporal-decoder call (official 3)."),
+        io.Int.Input("temporal_window", default=0, min=0, max=256,
+                     tooltip="Frames per temporal-decoder call (official 3); 0 = auto: 3, or fewer when 3 do not "
+                             "fit ComfyUI's free memory."),
         io.Int.Input("temporal_overlap", default=default("decode.window_overlap"), min=0, max=255,
                      tooltip="Frames shared by neighbouring windows, blended (official 0)."),
     ]
@@ -83,16 +87,16 @@ def target_of(target_width: int, target_height: int, node: str) -> tuple[int, in
 
 def encode_spec(node: str, *, scale: float, target_width: int, target_height: int, padding: str, posterior: str,
                 seed: int, tile: int, tile_overlap: int, spec: RunSpec = DEFAULTS) -> RunSpec:
-    """The run spec of the geometry and encode widgets (0 = off for tiles and targets)."""
+    """The run spec of the geometry and encode widgets (0 = auto for tiles, 0 = off for targets)."""
     return spec.with_options({"output.scale": scale, "output.target": target_of(target_width, target_height, node),
-                              "output.padding": padding, "encode.posterior": posterior, "encode.tile": tile or None,
+                              "output.padding": padding, "encode.posterior": posterior, "encode.tile": tile or AUTO,
                               "encode.tile_overlap": tile_overlap, "seed": seed})
 
 
 def decode_spec(*, tile: int, tile_overlap: int, temporal_window: int, temporal_overlap: int,
                 method: str = default("colour.method"), strength: float = default("colour.strength"),
                 spec: RunSpec = DEFAULTS) -> RunSpec:
-    """The run spec of the decode (and colour) widgets."""
-    return spec.with_options({"decode.tile": tile or None, "decode.tile_overlap": tile_overlap,
-                              "decode.window": temporal_window, "decode.window_overlap": temporal_overlap,
+    """The run spec of the decode (and colour) widgets (0 = auto for the tile and the window)."""
+    return spec.with_options({"decode.tile": tile or AUTO, "decode.tile_overlap": tile_overlap,
+                              "decode.window": temporal_window or AUTO, "decode.window_overlap": temporal_overlap,
                               "colour.method": method, "colour.strength": strength})

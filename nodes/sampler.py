@@ -6,7 +6,8 @@ from comfy_api.latest import io
 from star_core import pipeline
 from star_core.diffusion.chunking import FUSIONS
 from star_core.diffusion.schedule import MODES, t_max_for_denoise
-from star_core.diffusion.star_sampling import SamplerSettings
+from star_core.diffusion.star_sampling import MAX_TILE, SamplerSettings
+from star_core.options import AUTO
 from star_core.seeds import RunNoise
 from star_core.spec import FAST_MODE_STEPS, default
 
@@ -44,14 +45,20 @@ class STARSampler(io.ComfyNode):
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                tooltip="Fraction of STAR's 900 noise levels to start from (1.0 = official t=899); "
                                        "lower keeps more of the input."),
-                io.Int.Input("chunk_length", default=default("sampler.chunk_len"), min=1, max=4096,
-                             tooltip="Maximum latent frames per model call (official 32). Lower = less memory."),
+                io.Int.Input("chunk_length", default=0, min=0, max=4096,
+                             tooltip="Maximum latent frames per model call (official 32); 0 = auto: 32, or the "
+                                     "longest that fits ComfyUI's free memory. Lower = less memory."),
                 io.Int.Input("chunk_overlap", default=-1, min=-1, max=4096,
                              tooltip="Frames shared by neighbouring chunks; -1 = automatic (chunk_length // 4; "
                                      "the official fusion always uses half a chunk)."),
                 io.Combo.Input("fusion", options=list(FUSIONS), default=default("sampler.fusion"),
                                tooltip="How overlapping chunks are joined: official hard cuts, or linear / hann "
                                        "cross-fades (smoother seams on long videos)."),
+                io.Int.Input("diffusion_tile", default=0, min=0, max=MAX_TILE, step=8, optional=True,
+                             tooltip="Spatial tile of every model call in pixels (square; rounded down to sizes the "
+                                     "network takes); 0 = auto: whole frames when they fit ComfyUI's free memory, "
+                                     "else the largest tiles that do. A value at least the frame size = whole "
+                                     "frames (official). Overlapping tiles are blended."),
             ],
             outputs=[io.Latent.Output(display_name="latent")],
         )
@@ -71,18 +78,20 @@ class STARSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, star_model, positive, negative, lr_latent, solver_mode: str, steps: int, cfg: float,
-                rescale: float, denoise: float, chunk_length: int, chunk_overlap: int, fusion: str) -> io.NodeOutput:
+                rescale: float, denoise: float, chunk_length: int, chunk_overlap: int, fusion: str,
+                diffusion_tile: int = 0) -> io.NodeOutput:
         host.geometry_of(lr_latent, "STAR Sampler lr_latent")
         seed = host.seed_of(lr_latent, "STAR Sampler lr_latent")
         settings = SamplerSettings(mode=solver_mode, steps=steps, cfg=cfg, rescale=rescale,
-                                   t_max=t_max_for_denoise(denoise), chunk_len=chunk_length,
+                                   t_max=t_max_for_denoise(denoise), chunk_len=chunk_length or AUTO,
+                                   tile=(diffusion_tile, diffusion_tile) if diffusion_tile else AUTO,
                                    overlap=None if chunk_overlap < 0 else chunk_overlap, fusion=fusion)
         width = star_model.model.config.context_dim
         positive = host.conditioning_context(positive, "positive", width)
         negative = host.conditioning_context(negative, "negative", width)
         model_fn = host.model_function(star_model)
         latent = lr_latent["samples"].to(star_model.load_device)
-        ctx = host.context()
+        ctx = host.context(star_model.model)
         with ctx.scope():
             out = pipeline.sample(model_fn, latent, positive, negative, settings, RunNoise(seed), host=ctx)
         # the STAR keys (geometry, seed, the source for STAR Decode Video) travel on with the sampled latent

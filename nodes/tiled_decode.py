@@ -5,6 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from star_core import pipeline
+from star_core.vae.base import OFFICIAL_WINDOW
 
 from . import host, options
 from .types import vae_input
@@ -32,13 +33,13 @@ class STARTiledVAEDecode(io.ComfyNode):
     def execute(cls, samples, vae, tile: int, tile_overlap: int, temporal_window: int,
                 temporal_overlap: int) -> io.NodeOutput:
         geometry = host.geometry_of(samples, "STAR Tiled VAE Decode samples")
-        if temporal_overlap >= temporal_window:
+        if temporal_overlap >= (temporal_window or OFFICIAL_WINDOW):
             raise ValueError(f"STAR Tiled VAE Decode: temporal_overlap ({temporal_overlap}) must be smaller than "
-                             f"temporal_window ({temporal_window})")
+                             f"temporal_window ({temporal_window or f'auto: at most {OFFICIAL_WINDOW}'})")
         spec = options.decode_spec(tile=tile, tile_overlap=tile_overlap, temporal_window=temporal_window,
                                    temporal_overlap=temporal_overlap)
-        ctx = host.context()
+        video = host.video_vae(vae)
+        ctx = host.context(video.model)
         with ctx.scope():
-            windows = [w.cpu() for w in pipeline.decode(host.video_vae(vae), samples["samples"], geometry,
-                                                        spec.decode, host=ctx)]
+            windows = [w.cpu() for w in pipeline.decode(video, samples["samples"], geometry, spec.decode, host=ctx)]
         return io.NodeOutput(host.to_output(torch.cat(windows)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from star_core import pipeline
+from star_core.options import AUTO
 from star_core.spec import DEFAULTS, default
 
 from . import host, options
@@ -37,7 +38,8 @@ class STARUpscale(io.ComfyNode):
                 options.seed_input(),
                 io.Int.Input("vae_tile", default=0, min=0, max=8192, step=8,
                              tooltip="Spatial VAE tile in pixels for encoding and decoding (multiple of 8); 0 = "
-                                     "whole frames (official). Set e.g. 512 when the VAE runs out of memory."),
+                                     "auto: whole frames (official) when they fit ComfyUI's free memory, else the "
+                                     "largest exact tile that does (chunks and diffusion tiles are auto too)."),
             ],
             outputs=[io.Video.Output(display_name="video")],
         )
@@ -48,7 +50,7 @@ class STARUpscale(io.ComfyNode):
         positive, negative = conditioning(clip, prompt, default("prompt.suffix"), default("prompt.negative_prompt"),
                                           "STAR Upscale")
         spec = DEFAULTS.with_options({"output.scale": scale, "output.padding": padding, "seed": seed,
-                                      "encode.tile": vae_tile or None, "decode.tile": vae_tile or None})
+                                      "encode.tile": vae_tile or AUTO, "decode.tile": vae_tile or AUTO})
         # a text encoder of another width than the model's context is refused before the video is encoded
         width = star_model.model.config.context_dim
         positive = host.conditioning_context(positive, "prompt", width)
@@ -56,7 +58,7 @@ class STARUpscale(io.ComfyNode):
         source, audio_from = video_source(video)
         lr = host.encode_latent(vae, source, audio_from, spec)
         components = pipeline.Components(host.model_function(star_model), vae, positive, negative)
-        ctx = host.context()
+        ctx = host.context(star_model.model)
         with ctx.scope():
             latent = pipeline.sample_latent(components, lr["samples"], spec, host=ctx)
         geometry = host.geometry_of(lr, "STAR Upscale")

@@ -113,10 +113,10 @@ class STARVideo(VideoInput):
 
     def write_to(self, sink) -> None:
         """Decodes, colour-fixes and hands the frames to a `FrameSink`, one window at a time."""
-        ctx = host.context()
+        video = host.video_vae(self.vae)
+        ctx = host.context(video.model)
         with ctx.scope():
-            pipeline.decode_to_sink(host.video_vae(self.vae), self.latent, self.geometry, self.source, sink,
-                                    self.spec, host=ctx)
+            pipeline.decode_to_sink(video, self.latent, self.geometry, self.source, sink, self.spec, host=ctx)
 
     def save_to(self, path, format="auto", codec="auto", metadata: dict | None = None, bit_depth=None, crf=None,
                 color_space=None) -> None:

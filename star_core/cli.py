@@ -4,15 +4,22 @@ This module only parses arguments, plans inputs and outputs, loads the models on
 each video is one :func:`star_core.pipeline.run` from a :class:`~star_core.video_io.FileSource` to a
 :class:`~star_core.video_io.VideoFileSink` (two streaming passes over the file, so memory does not grow with its
 length). Every option's default, help and range come from :mod:`star_core.spec`.
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m star_core upscale ...``) every rank runs this module: rank 0
+decides which videos to process, whole videos go to single ranks while there are at least as many as ranks, the
+rest are processed by all ranks together (:mod:`star_core.distributed`); only rank 0 shows progress bars.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import glob
+import os
+import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,12 +27,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import pipeline
+from . import autosize, pipeline
 from .checkpoint import check_star_checkpoint
+from .distributed import DEFAULT_TIMEOUT_S, Distributed, DistributedError, plan_batch
 from .identify import check_context_width
 from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .host import HostContext, ProgressEvent
-from .options import SpecError
+from .memory import NoPlanFits
+from .options import AUTO, SpecError
 from .spec import DEFAULTS, RunSpec, default, option_info
 from .train.cli import add_train_parser, run_train
 from .video_io import CODECS, VIDEO_EXTENSIONS, FileSource, VideoFileSink, probe_video, write_synthetic_clip
@@ -92,8 +101,19 @@ def _add_spec_option(group, flag: str, path: str) -> None:
         return
     kind = {"int": int, "float": float, "tuple": _pixel_pair}.get(getattr(info.kind, "__name__", ""), str)
     metavar = {int: "N", float: "X", _pixel_pair: "HxW"}.get(kind)
+    if info.auto:
+        kind, metavar = _or_auto(kind), f"{metavar}|auto"
     group.add_argument(flag, dest=dest, type=kind, default=default(path), help=info.help,
                        choices=info.choices, metavar=None if info.choices else metavar)
+
+
+def _or_auto(kind):
+    """An argparse type that also takes ``auto`` (the run sizes the option for its memory budget)."""
+    def parse(text: str):
+        return AUTO if text.lower() == AUTO else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def add_model_options(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -137,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', ...")
     run.add_argument("--dtype", choices=("auto", "fp16", "bf16", "fp32"), default="auto",
                      help="UNet weight dtype; auto = fp16 on GPU (official), fp32 on CPU. VAE and text stay fp32")
+    run.add_argument("--memory-budget", type=float, default=None, metavar="GiB",
+                     help="device memory the run may use, weights included, for the 'auto' sizes (chunk length, "
+                          "diffusion and VAE tiles, decode window); default: the device's free memory plus what "
+                          "the models occupy (the available RAM on CPU)")
     run.add_argument("--threads", type=int, default=None,
                      help="CPU threads for torch (None: torch's choice; 1 helps on an overloaded machine)")
     run.add_argument("--codec", choices=tuple(CODECS), default="h264",
@@ -145,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-audio", action="store_true", help="do not copy the input's audio")
     run.add_argument("--skip-existing", action="store_true", help="skip inputs whose output already exists")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                     help="under torchrun: how long a rank may wait for the others (e.g. for a slow model load or an "
+                          "uneven share) before the run is ended as hung; a rank that fails or dies ends the run "
+                          "within seconds")
     fetch = commands.add_parser("download", help="fetch (or locate) the model files without processing anything",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     fetch.add_argument("--model", default="light", help="'light', 'heavy' or a checkpoint path")
@@ -223,7 +251,11 @@ def plan_outputs(inputs: list[tuple[Path, bool]], output: Path, codec: str) -> l
 # ------------------------------------------------------------------------------------------------------ models
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; anything else is validated by torch."""
+    """``auto`` → CUDA when available, else CPU; anything else is validated by torch. Under torchrun a CUDA device
+    must not name an index: each rank uses ``cuda:LOCAL_RANK``."""
+    if Distributed.launched() and name.startswith("cuda:"):
+        raise InputError(f"--device {name}: under torchrun each rank uses the GPU of its LOCAL_RANK; give --device "
+                         "cuda (or auto) and pick the GPUs with CUDA_VISIBLE_DEVICES")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -371,50 +403,129 @@ def load_components(args: argparse.Namespace, spec: RunSpec, device: torch.devic
     return pipeline.Components(unet, vae, positive, negative)
 
 
+def memory_budget(args: argparse.Namespace, components: pipeline.Components, device: torch.device) -> int | None:
+    """Bytes the run may use for its ``auto`` sizes: ``--memory-budget``, else the device's free memory plus the
+    models' weights on it (measured before each video)."""
+    if args.memory_budget is not None:
+        return int(args.memory_budget * 2**30)
+    modules = [m for m in (components.model, getattr(components.vae, "model", None)) if isinstance(m, torch.nn.Module)]
+    return autosize.device_budget(device, modules)
+
+
+def shared_budget(work: Distributed, budget: int | None) -> int | None:
+    """The budget every rank sizes its shared videos for: the smallest of the ranks' (the ranks must choose the
+    same windows to share the sampler's work)."""
+    if not work.active:
+        return budget
+    values = work.exchange({work.rank: torch.tensor([-1 if budget is None else budget], dtype=torch.int64)},
+                           [(1,)] * work.world_size, list(range(work.world_size)), stage="control",
+                           what="the memory budgets", dtype=torch.int64, device="cpu")
+    known = [int(value) for value in values if int(value) >= 0]
+    return min(known) if known else None
+
+
+def _probe(pairs: list[tuple[Path, Path]], indices: list[int]) -> tuple[list[int], list[float], list[str]]:
+    """Probes the inputs ``indices``: the readable ones, their work (frames × pixels), the errors of the others."""
+    checked, costs, errors = [], [], []
+    for index in indices:
+        try:
+            info = probe_video(pairs[index][0])
+        except (ValueError, FileNotFoundError) as exc:
+            errors.append(f"error: {exc}")
+            continue
+        checked.append(index)
+        costs.append(float(info.frame_count * info.width * info.height))
+    return checked, costs, errors
+
+
+def _upscale_one(src: Path, dst: Path, args: argparse.Namespace, spec: RunSpec, components: pipeline.Components,
+                 host: HostContext, tag: str) -> None:
+    """One video from file to file through :func:`pipeline.run` (on every rank of a shared video)."""
+    started = time.perf_counter()
+    try:
+        source = FileSource(src)
+        audio = src if source.video.has_audio and not args.no_audio else None
+        sink = VideoFileSink(dst, codec=args.codec, crf=args.crf, audio_from=audio)
+        pipeline.run(source, sink, spec, components, host)
+    finally:
+        if isinstance(host.progress, Progress):
+            host.progress.close()
+    if host.distributed is None or host.distributed.is_main:
+        print(f"{tag}{src} -> {dst} ({source.info.frames} frames, {time.perf_counter() - started:.1f} s)",
+              file=sys.stderr)
+
+
 def run_upscale(args: argparse.Namespace) -> int:
-    """Runs the ``upscale`` command; returns the process exit code."""
+    """Runs the ``upscale`` command; returns the process exit code (under torchrun: this rank's)."""
     if not args.inputs and not args.demo_tiny:
         raise InputError("give at least one input video (or --demo-tiny for the install self-check)")
     pairs = plan_outputs(expand_inputs(args.inputs), args.output, args.codec)
-    todo = [(s, d) for s, d in pairs if not (args.skip_existing and d.exists())]
-    for src, dst in pairs:
-        if (src, dst) not in todo:
-            print(f"skip {src}: {dst} exists (--skip-existing)", file=sys.stderr)
     spec = spec_from_args(args)
-    failures = 0
-    checked = []
-    for src, dst in todo:  # probe every input before loading any model, so bad inputs fail fast
-        try:
-            probe_video(src)
-            checked.append((src, dst))
-        except (ValueError, FileNotFoundError) as exc:
-            failures += 1
-            print(f"error: {exc}", file=sys.stderr)
-    if not checked:
-        return EXIT_FAILED if failures else 0
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InputError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    if args.dist_timeout <= 0:
+        raise InputError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    if args.memory_budget is not None and not args.memory_budget > 0:
+        raise InputError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
     device = pick_device(args.device)
+    if not Distributed.launched():
+        return _upscale_batch(args, spec, pairs, device, Distributed())
+    work = Distributed.from_env(device, timeout=args.dist_timeout)
+    try:
+        with work.guard():
+            return _upscale_batch(args, spec, pairs, work.device, work)
+    except BaseException as exc:  # noqa: BLE001 - every failure of a rank ends it here, after the guard posted it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the launcher stops the others now: say why first
+        known = (DistributedError, InputError, ValueError, FileNotFoundError, ModelsMissingError, NoPlanFits)
+        detail = str(exc) if isinstance(exc, known) else "".join(traceback.format_exception(exc))
+        print(f"error: [rank {work.rank}] {detail}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # leave at once: a collective another rank never joins would block the interpreter's exit
+        os._exit(EXIT_MODELS_MISSING if isinstance(exc, ModelsMissingError) else EXIT_FAILED)
+
+
+def _upscale_batch(args: argparse.Namespace, spec: RunSpec, pairs: list[tuple[Path, Path]], device: torch.device,
+                   work: Distributed) -> int:
+    """Skips, probes and spreads the videos over the ranks (rank 0 decides), loads the models once, processes."""
+    tag = f"[rank {work.rank}] " if work.active else ""
+    plan = None
+    if work.is_main:
+        todo = [i for i, (_, dst) in enumerate(pairs) if not (args.skip_existing and dst.exists())]
+        for src, dst in (pairs[i] for i in sorted(set(range(len(pairs))) - set(todo))):
+            print(f"skip {src}: {dst} exists (--skip-existing)", file=sys.stderr)
+        checked, costs, errors = _probe(pairs, todo)  # before loading any model, so bad inputs fail fast
+        for error in errors:
+            print(error, file=sys.stderr)
+        plan = (checked, plan_batch(costs, work.world_size), len(errors))
+    checked, batch, probe_failures = work.broadcast(plan, what="the batch plan")
+    failures = probe_failures if work.is_main else 0
+    if not checked:
+        return EXIT_FAILED if probe_failures else 0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     components = load_components(args, spec, device)
-    for src, dst in checked:
-        progress = Progress(src.name, enabled=not args.quiet)
-        host = HostContext(device=device, progress=progress)
-        started = time.perf_counter()
+    log = (lambda message: tqdm.write(message, file=sys.stderr)) if work.is_main else (lambda message: None)
+    # the shared videos first, while the ranks are in step; then each rank's own videos, without communication
+    for position in batch.shared:
+        src, dst = pairs[checked[position]]
+        progress = Progress(src.name, enabled=not args.quiet and work.is_main)
+        budget = shared_budget(work, memory_budget(args, components, device))
+        _upscale_one(src, dst, args, spec, components, HostContext(device=device, progress=progress,
+                                                                   distributed=work, memory_budget=budget,
+                                                                   log=log), tag)
+    for position in batch.own[work.rank]:
+        src, dst = pairs[checked[position]]
+        progress = Progress(src.name, enabled=not args.quiet and work.is_main)
+        host = HostContext(device=device, progress=progress, memory_budget=memory_budget(args, components, device),
+                           log=log)
         try:
-            source = FileSource(src)
-            audio = src if source.video.has_audio and not args.no_audio else None
-            sink = VideoFileSink(dst, codec=args.codec, crf=args.crf, audio_from=audio)
-            pipeline.run(source, sink, spec, components, host)
-        except (ValueError, FileNotFoundError) as exc:
+            _upscale_one(src, dst, args, spec, components, host, tag)
+        except (ValueError, FileNotFoundError, NoPlanFits) as exc:
             failures += 1
-            print(f"error: {src}: {exc}", file=sys.stderr)
-            continue
-        finally:
-            progress.close()
-        print(f"{src} -> {dst} ({source.info.frames} frames, {time.perf_counter() - started:.1f} s)", file=sys.stderr)
-    if args.demo_tiny:
+            print(f"error: {tag}{src}: {exc}", file=sys.stderr)
+    failures = work.finish(failures)  # every rank ends with the same status (torchrun stops all at the first error)
+    if args.demo_tiny and work.is_main:
         print("demo finished; reminder: the tiny models are random, so the video is noise.", file=sys.stderr)
     return EXIT_FAILED if failures else 0
 

@@ -11,10 +11,14 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
 from .model.attention import AttentionFunction, use_attention
+
+if TYPE_CHECKING:
+    from .distributed import Distributed
 
 LOG = logging.getLogger("star_core")
 
@@ -59,9 +63,14 @@ class HostContext:
             evaluation and every VAE tile.
         operations (`module`, *optional*): layer namespace the network is built with (e.g. ComfyUI's cast layers).
         attention (`Callable`, *optional*): attention implementation ``(q, k, v, heads) -> out`` for the run.
-        memory_budget (`int`, *optional*): bytes of device memory the run may use (None: unknown/unlimited).
+        memory_budget (`int`, *optional*): bytes of device memory the run may use, its models' weights included
+            (None: unknown; ``auto`` options then take their official values), see `star_core.autosize`.
+        resident (`bool`): the run's models stay on the device for the whole run (the CLI); False for a host that
+            loads each stage's model in turn (ComfyUI's model management).
         log (`Callable[[str], None]`): one-line messages for the user (default: the ``star_core`` logger).
         oom_errors (`tuple[type, ...]`): exception types that mean "out of memory" on this host.
+        distributed (`Distributed`, *optional*): this process's rank when several processes share the run
+            (``torchrun``; see :mod:`star_core.distributed`); None: one process does everything.
     """
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -70,8 +79,15 @@ class HostContext:
     operations: ModuleType | None = None
     attention: AttentionFunction | None = None
     memory_budget: int | None = None
+    resident: bool = True
     log: Callable[[str], None] = LOG.info
     oom_errors: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,)
+    distributed: Distributed | None = None
+
+    @property
+    def shared(self) -> Distributed | None:
+        """The :class:`~star_core.distributed.Distributed` of a run shared by several ranks, else None."""
+        return self.distributed if self.distributed is not None and self.distributed.active else None
 
     def check_interrupt(self) -> None:
         """Raises the host's cancel exception when the user asked to stop."""

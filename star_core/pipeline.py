@@ -14,18 +14,25 @@ clip. The CLI, the ComfyUI nodes, the tests and the benchmarks all call it, or t
 
 Progress and interruption go through the host: ``host.check_interrupt()`` runs before every model evaluation and
 every VAE tile, and progress arrives as :class:`~star_core.host.ProgressEvent`.
+
+Several processes (``torchrun``) share a run when ``host.distributed`` holds their
+:class:`~star_core.distributed.Distributed`: the encoder's frame windows, the sampler's windows at every
+evaluation and the decoder's windows are divided among the ranks (every rank calls the same functions with the
+same arguments), the result is bit-identical to one process, and only rank 0 re-reads the source and writes to the
+sink.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
+from . import autosize
 from .colour import ColourMethod, apply_colour_fix
-from .diffusion.star_sampling import (ModelFn, SamplerSettings, model_passes, network_levels, plan_evaluations,
-                                      sample_star, solver_sigmas)
+from .diffusion.star_sampling import (ModelFn, Replan, SamplerSettings, model_passes, network_levels,
+                                      plan_evaluations, sample_star, solver_sigmas)
 from .frames import FrameSink, FrameSource, SourceInfo, TensorSink, TensorSource
 from .geometry import Geometry, PaddingMode, plan_geometry, upscale_and_pad
 from .host import HostContext
@@ -103,7 +110,12 @@ def prepare_windows(windows: Iterable[torch.Tensor], geometry: Geometry) -> Iter
         `torch.Tensor`: [t,3,H_pad,W_pad] in [-1, 1], upscaled and padded.
     """
     for window in windows:
-        yield upscale_and_pad(frames_to_pixels(window), geometry)
+        yield prepare_window(window, geometry)
+
+
+def prepare_window(frames: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """One LR window [t,H,W,3] in 0..1 → [t,3,H_pad,W_pad] in [-1, 1], upscaled and padded for the encoder."""
+    return upscale_and_pad(frames_to_pixels(frames), geometry)
 
 
 def prepare_lr(
@@ -155,9 +167,10 @@ def encode_prompts(text_encoder, prompt: str = "a good video", *, suffix: str = 
     return embeddings[0:1], embeddings[1:2]
 
 
-def tiling(tile: int | None, overlap: int, mode: str = "exact") -> SpatialTiling | None:
-    """The VAE's spatial tiling for a spec's ``tile``/``tile_overlap``/``tile_mode`` (None: whole frames)."""
-    return None if tile is None else SpatialTiling(tile, overlap, mode)
+def tiling(tile: int | None, overlap: int, mode: str = "exact", park: str = "auto") -> SpatialTiling | None:
+    """The VAE's spatial tiling for a spec's ``tile``/``tile_overlap``/``tile_mode`` (None: whole frames) and the
+    exact tiles' ``park`` (see `star_core.vae.base.SpatialTiling`)."""
+    return None if tile is None else SpatialTiling(tile, overlap, mode, park)
 
 
 def _vae_place(vae: VideoVAE) -> tuple[torch.device, torch.dtype]:
@@ -181,9 +194,16 @@ def encode_lr(
     sample: bool = True,
     tiles: SpatialTiling | None = None,
     host: HostContext | None = None,
+    sizing: autosize.Sizing | None = None,
+    options: EncodeSpec | None = None,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """
     Encodes the prepared LR video to the scaled latent [1,4,F,h,w] (the ControlNet hint and the start point).
+
+    With several ranks (``host.distributed``), window ``k`` is encoded by rank ``k mod world`` and every rank gets
+    the whole latent; every rank draws every frame's posterior noise in frame order, so the latent is the one
+    process's, bit for bit.
 
     Parameters:
         vae (`star_core.vae.VideoVAE`): the video VAE.
@@ -194,11 +214,17 @@ def encode_lr(
         sample (`bool`): posterior sample (official) or the posterior mean.
         tiles (`SpatialTiling`, *optional*): spatial tiling of the encoder, in pixels.
         host (`HostContext`, *optional*): progress (stage ``"encode"``, VAE tiles) and interrupt per tile.
+        sizing (`star_core.autosize.Sizing`, *optional*), options (`EncodeSpec`, *optional*): instead of
+            ``tiles``: the tiles of the sizing's plan with the options' overlap and mode; a window that runs out of
+            memory is encoded again with smaller auto tiles (see :func:`encode_source`).
+        prepare (`Callable`, *optional*): turns each window into encoder input first (e.g. :func:`prepare_window`
+            on raw source windows); only the windows this rank encodes are prepared.
 
     Returns:
         `torch.Tensor`: float32 latent [1,4,F,h,w] on the VAE's device.
     """
     host = _host(host)
+    work = host.shared
     if sample and noise is None:
         raise ValueError("encode_lr: sample=True needs a RunNoise (seed or injected posterior_eps); "
                          "pass noise= or sample=False for the posterior mean")
@@ -207,30 +233,47 @@ def encode_lr(
     latent_h, latent_w = geometry.latent_size
     device, dtype = _vae_place(vae)
     channels = getattr(vae, "latent_channels", 4)
-    parts, done = [], 0
-    for window in pixels:
-        if tuple(window.shape[1:]) != (3, *geometry.padded_size):
-            raise ValueError(f"encode_lr: window of shape {tuple(window.shape)} is not [t,3,{geometry.padded_size[0]},"
-                             f"{geometry.padded_size[1]}]; prepare the frames with prepare_lr/prepare_windows")
+    parts, shapes, done = {}, [], 0
+    for index, window in enumerate(pixels):
         count = window.shape[0]
         if done + count > geometry.frames:
             raise ValueError(f"encode_lr: more frames than the geometry's {geometry.frames}")
         eps = noise.posterior_eps_window(done, count, (channels, latent_h, latent_w), device) if sample else None
-        part = vae.encode(window.to(device, dtype), eps, sample=sample, tiling=tiles,
-                          callback=host.tile_callback("encode", done, count, geometry.frames))
-        parts.append(part.to(torch.float32))
+        shapes.append((1, channels, count, latent_h, latent_w))
+        if work is None or work.owner(index) == work.rank:
+            window = window if prepare is None else prepare(window)
+            if tuple(window.shape[1:]) != (3, *geometry.padded_size):
+                raise ValueError(f"encode_lr: window of shape {tuple(window.shape)} is not [t,3,"
+                                 f"{geometry.padded_size[0]},{geometry.padded_size[1]}]; prepare the frames with "
+                                 "prepare_lr/prepare_windows")
+            progress = host.tile_callback("encode", done, count, geometry.frames)
+            if sizing is None:
+                part = vae.encode(window.to(device, dtype), eps, sample=sample, tiling=tiles, callback=progress)
+            else:
+                part = sizing.retry(lambda plan: vae.encode(
+                    window.to(device, dtype), eps, sample=sample, callback=progress,
+                    tiling=tiling(plan.encode_tile, options.tile_overlap, options.tile_mode,
+                                  autosize.park(plan, "encode"))))
+            parts[index] = part.to(torch.float32)
+            del part
         done += count
     if done != geometry.frames:
         raise ValueError(f"encode_lr: got {done} frames, the geometry says {geometry.frames}")
-    latent = torch.cat(parts, dim=2)
+    if work is None:
+        ordered = [parts[index] for index in range(len(shapes))]
+    else:
+        ordered = work.exchange(parts, shapes, stage="encode", what="the LR latent's encode", device=device)
+    latent = torch.cat(ordered, dim=2)
     geometry.check_latent(latent)
     return latent
 
 
 def encode_source(source: FrameSource, geometry: Geometry, vae, spec: RunSpec | EncodeSpec, *,
-                  seed: int | None = None, host: HostContext | None = None) -> torch.Tensor:
+                  seed: int | None = None, host: HostContext | None = None, model: object = None) -> torch.Tensor:
     """
     Reads the source window by window, prepares and encodes it (:func:`encode_lr`); only the latent is kept.
+    An ``auto`` encoder tile is chosen for the host's memory budget (:mod:`star_core.autosize`), and a window that
+    runs out of memory is encoded again with smaller auto tiles.
 
     Parameters:
         source (`FrameSource`): the LR video.
@@ -238,15 +281,18 @@ def encode_source(source: FrameSource, geometry: Geometry, vae, spec: RunSpec | 
         vae (`star_core.vae.VideoVAE`): the video VAE.
         spec (`RunSpec` or `EncodeSpec`): the encode options (and the seed, for a whole spec).
         seed (`int`, *optional*): the run's seed when ``spec`` is an `EncodeSpec`.
-        host (`HostContext`, *optional*): progress and interrupt.
+        host (`HostContext`, *optional*): progress, interrupt, memory budget.
+        model (`torch.nn.Module`, *optional*): the network, whose weights count when the models stay resident.
     """
+    host = _host(host)
     if isinstance(spec, RunSpec):
         seed, spec = spec.seed, spec.encode
     sample_posterior = spec.posterior == "sample"
     noise = RunNoise(seed) if sample_posterior else None
-    windows = prepare_windows(source.windows(encode_window(geometry)), geometry)
-    return encode_lr(vae, windows, geometry, noise, sample=sample_posterior,
-                     tiles=tiling(spec.tile, spec.tile_overlap, spec.tile_mode), host=host)
+    window = encode_window(geometry)
+    options, sizing = autosize.vae_sizing("encode", spec, geometry, vae, host, model=model, encode_window=window)
+    return encode_lr(vae, source.windows(window), geometry, noise, sample=sample_posterior, host=host,
+                     sizing=sizing, options=options, prepare=lambda window: prepare_window(window, geometry))
 
 
 def model_function(model: torch.nn.Module) -> ModelFn:
@@ -268,6 +314,7 @@ def model_function(model: torch.nn.Module) -> ModelFn:
         return v.to(device=x.device, dtype=x.dtype)
 
     model_fn.config = getattr(model, "config", None)  # type: ignore[attr-defined]
+    model_fn.dtype = dtype  # type: ignore[attr-defined]  # for the memory model (star_core.autosize)
     return model_fn
 
 
@@ -280,6 +327,7 @@ def sample(
     noise: RunNoise | None = None,
     *,
     host: HostContext | None = None,
+    vae: object = None,
 ) -> torch.Tensor:
     """
     Runs the STAR sampler on an LR latent: start = diffuse(latent, t_max) with the run's start noise, DPM++2M SDE
@@ -294,7 +342,10 @@ def sample(
         noise (`RunNoise`): start noise and Brownian entropy.
         host (`HostContext`, *optional*): the interrupt check before every network call; progress events
             ``("sample", calls done, calls in all)`` before every call and, after every solver step, one with
-            ``step``, ``steps`` and the step's ``x0``.
+            ``step``, ``steps`` and the step's ``x0``; the memory budget for ``auto`` chunk length and tiles
+            (:mod:`star_core.autosize`: an evaluation that runs out of memory is repeated with smaller auto
+            windows, kept for the rest of the run).
+        vae (`VideoVAE`, *optional*): counted in the budget when the models stay resident.
 
     Returns:
         `torch.Tensor`: the sampled latent [1,4,F,h,w], float32.
@@ -309,7 +360,17 @@ def sample(
     latent = latent.to(torch.float32)
     start_noise = noise.diffuse_eps(tuple(latent.shape), device=latent.device)
     brownian = noise.brownian()
-    grid = plan_evaluations(latent.shape, settings, network_levels(model_fn))
+    levels = network_levels(model_fn)
+    requested = settings
+    settings, sizing = autosize.sampler_sizing(requested, tuple(latent.shape[2:5]), model, host, vae=vae)
+    grid = plan_evaluations(latent.shape, settings, levels)
+    if not sizing.plan.state_on_device:  # the whole-video state waits on the host; one window at a time on the device
+        latent, start_noise = latent.cpu(), start_noise.cpu()
+
+    def smaller(grid, error: BaseException):  # mid-run: the state stays where it is, the windows shrink
+        plan = sizing.smaller(error, sizing.fields - {"state_on_device"})
+        return plan_evaluations(latent.shape, autosize.sampler_settings(requested, plan, sizing.auto), levels)
+
     calls: list[int] = [0, 1]  # calls done, calls in all (set by the first on_evaluation)
 
     def on_evaluation(done: int, total: int) -> None:
@@ -323,18 +384,20 @@ def sample(
 
     return sample_star(model_fn, latent, positive.to(latent.device, torch.float32),
                        negative.to(latent.device, torch.float32), settings, start_noise=start_noise,
-                       brownian=brownian, callback=on_step, on_evaluation=on_evaluation, grid=grid)
+                       brownian=brownian, callback=on_step, on_evaluation=on_evaluation, grid=grid,
+                       replan=Replan(sizing.matches, smaller) if sizing.can_shrink else None, work=host.shared)
 
 
 def model_evaluations(settings: SamplerSettings, latent_shape: tuple[int, ...], levels: int | None = None) -> int:
     """Network calls a run makes: solver steps × windows (chunks × tiles) × (2 with CFG, unless batched).
 
     Parameters:
-        settings (`SamplerSettings`): the sampler options.
+        settings (`SamplerSettings`): the sampler options (``auto`` ones at their official values).
         latent_shape (`tuple[int, ...]`): ``[1,4,F,h,w]``.
         levels (`int`, *optional*): the network's resolution levels (its tile size rule), see
             :func:`star_core.diffusion.star_sampling.plan_evaluations`.
     """
+    settings = autosize.official(settings)
     steps = len(solver_sigmas(settings)) - 1
     return steps * len(plan_evaluations(latent_shape, settings, levels)) * model_passes(settings.cfg,
                                                                                          settings.batch_cfg)
@@ -345,46 +408,70 @@ def sample_latent(components: Components, latent: torch.Tensor, spec: RunSpec, *
     """:func:`sample` with the spec's sampler settings and seed, on the host's device; returns the latent there."""
     host = _host(host)
     return sample(components.model, latent.to(host.device), components.positive, components.negative,
-                  spec.sampler, RunNoise(spec.seed), host=host)
+                  spec.sampler, RunNoise(spec.seed), host=host, vae=components.vae)
 
 
 def decode_pixels(vae, latent: torch.Tensor, geometry: Geometry, options: DecodeSpec = DecodeSpec(), *,
-                  host: HostContext | None = None) -> Iterator[torch.Tensor]:
+                  host: HostContext | None = None, model: object = None) -> Iterator[torch.Tensor]:
     """
     Decodes a latent window by window (:func:`star_core.vae.tiled.temporal_plan`, overlaps blended as the windows
     arrive) and crops each to the target size: yields [t,3,H,W] in (about) [-1, 1], not clamped (the official
     `test()` return value, window by window). A frame leaves as soon as every window covering it is decoded.
 
+    With several ranks (``host.distributed``), window ``k`` is decoded (and cropped) by rank ``k mod world`` and
+    the windows reach rank 0 a round (one per rank) at a time; rank 0 yields the frames, the other ranks nothing.
+
     Parameters:
         vae (`star_core.vae.VideoVAE`): the video VAE.
         latent (`torch.Tensor`): [1,4,F,h,w] matching `geometry`.
         geometry (`Geometry`): the run's geometry.
-        options (`DecodeSpec`): temporal windows and spatial tiles.
-        host (`HostContext`, *optional*): progress (stage ``"decode"``, VAE tiles) and interrupt per tile.
+        options (`DecodeSpec`): temporal windows and spatial tiles; ``auto`` ones are chosen for the host's memory
+            budget (:mod:`star_core.autosize`), and a window that runs out of memory is decoded again with smaller
+            auto tiles.
+        host (`HostContext`, *optional*): progress (stage ``"decode"``, VAE tiles), interrupt per tile, budget.
+        model (`torch.nn.Module`, *optional*): the network, whose weights count when the models stay resident.
     """
     host = _host(host)
     geometry.check_latent(latent)
+    options, sizing = autosize.vae_sizing("decode", options, geometry, vae, host, model=model)
     windows = temporal_plan(latent.shape[2], options.window, options.window_overlap)
-    tiles = tiling(options.tile, options.tile_overlap, options.tile_mode)
     device, dtype = _vae_place(vae)
 
-    def decoded() -> Iterator[torch.Tensor]:
-        for index, (start, stop) in enumerate(windows.spans):
-            chunk = latent[:, :, start:stop].to(device, dtype)
-            progress = host.tile_callback("decode", index, 1, len(windows))
-            yield vae.decode(chunk, stop - start, 0, tiling=tiles, callback=progress).to(torch.float32)
+    def decode_window(chunk: torch.Tensor, frames: int, progress, plan) -> torch.Tensor:
+        tiles = tiling(plan.decode_tile, options.tile_overlap, options.tile_mode, autosize.park(plan, "decode"))
+        return vae.decode(chunk, frames, 0, tiling=tiles, callback=progress).to(torch.float32)
 
-    for window in windows.blend_stream(decoded()):
-        yield geometry.crop(window)
+    def decoded(index: int) -> torch.Tensor:
+        start, stop = windows.spans[index]
+        chunk = latent[:, :, start:stop].to(device, dtype)
+        progress = host.tile_callback("decode", index, 1, len(windows))
+        # the windows are planned: only the tiles may shrink now
+        return sizing.retry(lambda plan: decode_window(chunk, stop - start, progress, plan),
+                            ("decode_tile", "decode_park"))
+
+    work = host.shared
+    if work is None:
+        for window in windows.blend_stream(decoded(index) for index in range(len(windows))):
+            yield geometry.crop(window)
+        return
+    # cropping before the blend gives the same values (both act per pixel) and sends fewer bytes
+    outputs = work.stream(len(windows), lambda index: geometry.crop(decoded(index)),
+                          lambda index: (windows.spans[index][1] - windows.spans[index][0], 3, *geometry.target_size),
+                          stage="decode", what="decode window", device=device)
+    if work.is_main:
+        yield from windows.blend_stream(outputs)
+    else:
+        for _ in outputs:  # this rank's windows go to rank 0
+            pass
 
 
 def decode(vae, latent: torch.Tensor, geometry: Geometry, options: DecodeSpec = DecodeSpec(), *,
-           host: HostContext | None = None) -> Iterator[torch.Tensor]:
+           host: HostContext | None = None, model: object = None) -> Iterator[torch.Tensor]:
     """
     :func:`decode_pixels` converted to ComfyUI frames: yields [t,H,W,3] in 0..1 windows of exactly the target
     size; all windows together hold exactly `geometry.frames` frames.
     """
-    for window in decode_pixels(vae, latent, geometry, options, host=host):
+    for window in decode_pixels(vae, latent, geometry, options, host=host, model=model):
         yield pixels_to_frames(window.to(torch.float32))
 
 
@@ -419,7 +506,7 @@ class _Frames:
 
 
 def decode_to_sink(vae, latent: torch.Tensor, geometry: Geometry, source: FrameSource, sink: FrameSink,
-                   spec: RunSpec, *, host: HostContext | None = None) -> None:
+                   spec: RunSpec, *, host: HostContext | None = None, model: object = None) -> None:
     """
     Decodes the sampled latent window by window, colour-fixes each window against the same source frames read
     again, and hands it to the sink; the sink is aborted (nothing half-written) when anything fails.
@@ -431,12 +518,19 @@ def decode_to_sink(vae, latent: torch.Tensor, geometry: Geometry, source: FrameS
         source (`FrameSource`): the LR video the latent came from.
         sink (`FrameSink`): where the frames go.
         spec (`RunSpec`): decode and colour options.
-        host (`HostContext`, *optional*): progress and interrupt.
+        host (`HostContext`, *optional*): progress, interrupt, memory budget; with several ranks only rank 0 reads
+            the source again and writes to the sink, the others decode their share of the windows.
+        model (`torch.nn.Module`, *optional*): the network, whose weights count when the models stay resident.
     """
+    host = _host(host)
+    if host.shared is not None and not host.shared.is_main:
+        for _ in decode(vae, latent, geometry, spec.decode, host=host, model=model):
+            pass
+        return
     lr_frames = _Frames(source)
     sink.begin(geometry, source.info.fps)
     try:
-        for restored in decode(vae, latent, geometry, spec.decode, host=host):
+        for restored in decode(vae, latent, geometry, spec.decode, host=host, model=model):
             lr = lr_frames.take(restored.shape[0])
             sink.write(colour_fix(restored, lr, spec.colour.method, spec.colour.strength))
     except BaseException:
@@ -463,9 +557,9 @@ def run(source: FrameSource, sink: FrameSink, spec: RunSpec, components: Compone
     host = _host(host)
     with host.scope():
         geometry = plan(source.info, spec)
-        latent = encode_source(source, geometry, components.vae, spec, host=host)
+        latent = encode_source(source, geometry, components.vae, spec, host=host, model=components.model)
         latent = sample_latent(components, latent, spec, host=host)
-        decode_to_sink(components.vae, latent, geometry, source, sink, spec, host=host)
+        decode_to_sink(components.vae, latent, geometry, source, sink, spec, host=host, model=components.model)
     return geometry
 
 

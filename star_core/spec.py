@@ -17,7 +17,7 @@ from typing import Any
 from .colour import COLOUR_METHODS
 from .diffusion.star_sampling import SamplerSettings
 from .geometry import PADDING_MODES
-from .options import OptionInfo, Section, SpecError, option
+from .options import AUTO, OptionInfo, Section, SpecError, option
 from .text.prompts import DEFAULT_PROMPT, NEGATIVE_PROMPT, SUFFIX_MODES
 from .vae.base import OFFICIAL_WINDOW, TILING_MODES, validate_tile
 
@@ -25,7 +25,8 @@ OFFICIAL_SEED = 666
 # The official fast mode always runs this many steps (inference_sr.py forces --steps 15 with solver_mode fast).
 FAST_MODE_STEPS = 15
 MAX_SIZE = 16384  # pixels per side of an output; far beyond any GPU today
-TILE_HELP = "Spatial VAE {what} tile in pixels (multiple of 8); none = whole frames (official). Smaller tiles need less memory."
+TILE_HELP = ("Spatial VAE {what} tile in pixels (multiple of 8); none = whole frames (official); auto = whole frames "
+             "when they fit the memory budget, else the largest tile that does. Smaller tiles need less memory.")
 TILE_MODE_HELP = ("exact: the tiles give the untiled VAE's result (up to float rounding; whole-frame normalisation "
                   "and attention). fast: independent overlapping tiles blended over the overlap (less memory traffic, "
                   "visibly different on non-uniform content).")
@@ -93,7 +94,8 @@ class EncodeSpec(Section):
 
     Parameters:
         posterior (`str`): ``"sample"`` (official, uses the seed) or ``"mean"``.
-        tile (`int`, *optional*): spatial tile in pixels; None encodes whole frames (official).
+        tile (`int` or ``"auto"``, *optional*): spatial tile in pixels; None encodes whole frames (official); auto
+            (default) chooses for the memory budget (`star_core.autosize`).
         tile_overlap (`int`): overlap of neighbouring tiles in pixels (``"fast"`` tiles only).
         tile_mode (`str`): ``"exact"`` (equals untiled) or ``"fast"`` (see `star_core.vae.base.SpatialTiling`).
     """
@@ -102,7 +104,8 @@ class EncodeSpec(Section):
 
     posterior: str = option("sample", "sample: the official VAE posterior sample (uses the seed). mean: the "
                             "posterior mean (no randomness).", choices=("sample", "mean"))
-    tile: int | None = option(None, TILE_HELP.format(what="encode"), minimum=8, maximum=MAX_SIZE, step=8, kind=int)
+    tile: int | None = option(AUTO, TILE_HELP.format(what="encode"), minimum=8, maximum=MAX_SIZE, step=8, kind=int,
+                              optional=True)
     tile_overlap: int = option(64, OVERLAP_HELP, minimum=0, maximum=MAX_SIZE, step=8)
     tile_mode: str = option("exact", TILE_MODE_HELP, choices=TILING_MODES)
 
@@ -116,26 +119,30 @@ class DecodeSpec(Section):
     How the VAE decodes the sampled latent.
 
     Parameters:
-        window (`int`): frames per temporal-decoder call (official 3).
+        window (`int` or ``"auto"``): frames per temporal-decoder call (official 3; auto chooses for the budget).
         window_overlap (`int`): frames shared by neighbouring windows, cross-faded (official 0 = hard cuts).
-        tile (`int`, *optional*): spatial tile edge in output pixels (None: whole frames, official).
+        tile (`int` or ``"auto"``, *optional*): spatial tile edge in output pixels (None: whole frames, official;
+            auto, the default, chooses for the memory budget).
         tile_overlap (`int`): spatial tile overlap in pixels (``"fast"`` tiles only).
         tile_mode (`str`): ``"exact"`` (equals untiled) or ``"fast"`` (see `star_core.vae.base.SpatialTiling`).
     """
 
     PREFIX = "decode"
 
-    window: int = option(OFFICIAL_WINDOW, "Frames per temporal-decoder call (official 3).", minimum=1, maximum=256)
+    window: int = option(AUTO, "Frames per temporal-decoder call (official 3); auto: 3, or fewer when 3 do not "
+                         "fit the memory budget.", minimum=1, maximum=256, kind=int)
     window_overlap: int = option(0, "Frames shared by neighbouring decoder windows, cross-faded (official 0).",
                                  minimum=0, maximum=255)
-    tile: int | None = option(None, TILE_HELP.format(what="decode"), minimum=8, maximum=MAX_SIZE, step=8, kind=int)
+    tile: int | None = option(AUTO, TILE_HELP.format(what="decode"), minimum=8, maximum=MAX_SIZE, step=8, kind=int,
+                              optional=True)
     tile_overlap: int = option(64, OVERLAP_HELP, minimum=0, maximum=MAX_SIZE, step=8)
     tile_mode: str = option("exact", TILE_MODE_HELP, choices=TILING_MODES)
 
     def check(self) -> None:
-        if self.window_overlap >= self.window:
+        window = OFFICIAL_WINDOW if self.window == AUTO else self.window  # auto chooses at most the official 3
+        if self.window_overlap >= window:
             raise SpecError(self.path("window_overlap"), f"({self.window_overlap}) must be smaller than the "
-                            f"decoder window ({self.window})")
+                            f"decoder window ({window if self.window != AUTO else f'auto: at most {window}'})")
         _check_tile(self)
 
 
@@ -161,7 +168,7 @@ class ColourSpec(Section):
 
 def _check_tile(section: EncodeSpec | DecodeSpec) -> None:
     """The VAE tile of a section; its overlap matters (and is checked) only for fast tiles."""
-    if section.tile is None:
+    if section.tile is None or section.tile == AUTO:
         return
     try:
         validate_tile("tile", section.tile, section.tile_overlap if section.tile_mode == "fast" else 0)
@@ -176,14 +183,17 @@ class RunSpec(Section):
 
     Parameters:
         output (`OutputSpec`), prompt (`PromptSpec`), encode (`EncodeSpec`), sampler
-        (`star_core.diffusion.SamplerSettings`), decode (`DecodeSpec`), colour (`ColourSpec`): the sections.
+        (`star_core.diffusion.SamplerSettings`), decode (`DecodeSpec`), colour (`ColourSpec`): the sections. The
+            sizing options (chunk length, diffusion tile, VAE tiles, decode window) default to ``"auto"``: the
+            official values when they fit the host's memory budget, else the largest that fit
+            (`star_core.autosize`). ``SamplerSettings`` used on its own keeps the official values as defaults.
         seed (`int`): seed of every random draw of the run (official 666), see :class:`star_core.seeds.RunNoise`.
     """
 
     output: OutputSpec = field(default_factory=OutputSpec)
     prompt: PromptSpec = field(default_factory=PromptSpec)
     encode: EncodeSpec = field(default_factory=EncodeSpec)
-    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    sampler: SamplerSettings = field(default_factory=lambda: SamplerSettings(chunk_len=AUTO, tile=AUTO))
     decode: DecodeSpec = field(default_factory=DecodeSpec)
     colour: ColourSpec = field(default_factory=ColourSpec)
     seed: int = option(OFFICIAL_SEED, "Seed of every random draw of the run: VAE posterior noise, start noise and "

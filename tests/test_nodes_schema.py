@@ -70,8 +70,11 @@ def test_inputs_have_tooltips_and_valid_defaults(node_id):
 def test_category_and_official_defaults():
     assert {info["category"] for info in RECORDED.values()} == {"STAR"}
     sampler = _inputs(RECORDED["STARSampler"])
-    official = {"solver_mode": "fast", "steps": 15, "cfg": 7.5, "rescale": 0.2, "denoise": 1.0, "chunk_length": 32}
+    official = {"solver_mode": "fast", "steps": 15, "cfg": 7.5, "rescale": 0.2, "denoise": 1.0}
     assert {k: sampler[k][1]["default"] for k in official} == official
+    # the sizes default to auto (0): the official 32-frame chunks and whole frames when they fit the free memory
+    assert {k: sampler[k][1]["default"] for k in ("chunk_length", "diffusion_tile")} == {"chunk_length": 0,
+                                                                                        "diffusion_tile": 0}
     # one seed per run, on the node that starts it (LR Encode, Encode Video, or the one-node Upscale), with the
     # frontend's randomize/fixed control; the sampler reads it from the latent
     seeds = sorted((node, name) for node, info in RECORDED.items() for name in _inputs(info) if "seed" in name)

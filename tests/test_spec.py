@@ -18,6 +18,7 @@ import harness  # noqa: E402
 
 # Node inputs that stand for a spec option: (node, input) -> (dotted spec name, node value -> spec value).
 NONE_IF_ZERO = (lambda v: None if v == 0 else v)
+AUTO_IF_ZERO = (lambda v: "auto" if v == 0 else v)
 NODE_OPTIONS = {
     ("STARLREncode", "scale"): ("output.scale", None),
     ("STARLREncode", "target_width"): ("output.target", NONE_IF_ZERO),
@@ -25,19 +26,20 @@ NODE_OPTIONS = {
     ("STARLREncode", "padding"): ("output.padding", None),
     ("STARLREncode", "posterior"): ("encode.posterior", None),
     ("STARLREncode", "seed"): ("seed", None),
-    ("STARLREncode", "tile"): ("encode.tile", NONE_IF_ZERO),
+    ("STARLREncode", "tile"): ("encode.tile", AUTO_IF_ZERO),
     ("STARLREncode", "tile_overlap"): ("encode.tile_overlap", None),
     ("STARSampler", "solver_mode"): ("sampler.mode", None),
     ("STARSampler", "steps"): ("sampler.steps", None),
     ("STARSampler", "cfg"): ("sampler.cfg", None),
     ("STARSampler", "rescale"): ("sampler.rescale", None),
     ("STARSampler", "denoise"): ("sampler.t_max", t_max_for_denoise),
-    ("STARSampler", "chunk_length"): ("sampler.chunk_len", None),
+    ("STARSampler", "chunk_length"): ("sampler.chunk_len", AUTO_IF_ZERO),
+    ("STARSampler", "diffusion_tile"): ("sampler.tile", AUTO_IF_ZERO),
     ("STARSampler", "chunk_overlap"): ("sampler.overlap", lambda v: None if v < 0 else v),
     ("STARSampler", "fusion"): ("sampler.fusion", None),
-    ("STARTiledVAEDecode", "tile"): ("decode.tile", NONE_IF_ZERO),
+    ("STARTiledVAEDecode", "tile"): ("decode.tile", AUTO_IF_ZERO),
     ("STARTiledVAEDecode", "tile_overlap"): ("decode.tile_overlap", None),
-    ("STARTiledVAEDecode", "temporal_window"): ("decode.window", None),
+    ("STARTiledVAEDecode", "temporal_window"): ("decode.window", AUTO_IF_ZERO),
     ("STARTiledVAEDecode", "temporal_overlap"): ("decode.window_overlap", None),
     ("STARColourFix", "method"): ("colour.method", None),
     ("STARColourFix", "strength"): ("colour.strength", None),
@@ -48,7 +50,7 @@ NODE_OPTIONS = {
     ("STARUpscale", "scale"): ("output.scale", None),
     ("STARUpscale", "padding"): ("output.padding", None),
     ("STARUpscale", "seed"): ("seed", None),
-    ("STARUpscale", "vae_tile"): ("encode.tile", NONE_IF_ZERO),
+    ("STARUpscale", "vae_tile"): ("encode.tile", AUTO_IF_ZERO),
 }
 # The streaming nodes show the same widget groups as their IMAGE counterparts.
 NODE_OPTIONS |= {("STARVideoEncode", name): spec for (node, name), spec in NODE_OPTIONS.items()
@@ -104,7 +106,14 @@ def test_spec_validation_names_the_option():
     with pytest.raises(SpecError, match=r"colour.strength must be in \[0, 1\], got 1.5"):
         DEFAULTS.with_options({"colour.strength": 1.5})
     with pytest.raises(SpecError, match=r"decode.window_overlap \(3\) must be smaller than the decoder window \(3\)"):
+        DEFAULTS.with_options({"decode.window_overlap": 3, "decode.window": 3})
+    with pytest.raises(SpecError, match=r"decode.window_overlap \(3\) must be smaller than the decoder window "
+                       r"\(auto: at most 3\)"):
         DEFAULTS.with_options({"decode.window_overlap": 3})
+    with pytest.raises(SpecError, match=r"sampler.chunk_len must be an integer or auto, got 'big'"):
+        DEFAULTS.with_options({"sampler.chunk_len": "big"})
+    with pytest.raises(SpecError, match=r"decode.window must be in \[1, 256\] or auto, got 0"):
+        DEFAULTS.with_options({"decode.window": 0})
     with pytest.raises(SpecError, match="decode.tile overlap 64 px must be smaller than the tile size 64 px"):
         DEFAULTS.with_options({"decode.tile": 64, "decode.tile_mode": "fast"})
     assert DEFAULTS.with_options({"decode.tile": 64}).decode.tile_mode == "exact"  # exact tiles need no overlap
@@ -116,7 +125,7 @@ def test_spec_validation_names_the_option():
         DEFAULTS.with_options({"sampler.cfgg": 1.0})
     with pytest.raises(dataclasses.FrozenInstanceError):
         DEFAULTS.seed = 1  # type: ignore[misc]
-    assert RunSpec() == DEFAULTS and DEFAULTS.sampler.fusion == "linear" and DEFAULTS.decode.window == 3
+    assert RunSpec() == DEFAULTS and DEFAULTS.sampler.fusion == "linear" and DEFAULTS.decode.window == "auto"
 
 
 def test_cli_reports_spec_errors_with_the_flag(tmp_path, capsys):

@@ -179,7 +179,8 @@ def test_cli_flags(tmp_path, capsys):
     def spec(*flags):
         return cli.spec_from_args(cli.build_parser().parse_args(["upscale", "in.mp4", "-o", "out.mp4", *flags]))
 
-    assert spec().sampler.tile is None
+    assert spec().sampler.tile == "auto"  # whole frames when they fit the memory budget (star_core.autosize)
+    assert spec("--diffusion-tile", "AUTO").sampler.tile == "auto"
     tiled = spec("--diffusion-tile", "512", "--diffusion-tile-overlap", "64", "--diffusion-tile-blend", "hann")
     assert (tiled.sampler.tile, tiled.sampler.tile_overlap, tiled.sampler.tile_blend) == ((512, 512), 64, "hann")
     assert spec("--diffusion-tile", "528x1024").sampler.tile == (528, 1024)

@@ -12,18 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..geometry import VAE_FACTOR
 from ..model.unet import latent_size_fits
-from ..options import Section, SpecError, option
+from ..options import AUTO, Section, SpecError, option
 from ..windows import BLENDS, Grid, WindowPlan, official_overlap, plan_windows
 from .chunking import DEFAULT_FUSION, FUSIONS, plan_chunks
 from .guidance import cfg_rescale
 from .noise import BrownianTreeNoiseSampler, InjectedNoiseSampler
 from .sampler import StepCallback, sample_dpmpp_2m_sde
 from .schedule import MODES, T_MAX, alphas_vp, c_in, diffuse, discretized_timesteps, k_sigmas, model_timestep, sigmas_vp
+
+if TYPE_CHECKING:
+    from ..distributed import Distributed
 
 # model_fn(x [B,4,f,h,w], t LongTensor [B], context [B,77,1024], hint [B,4,f,h,w]) -> v-prediction [B,4,f,h,w]
 ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,8 +69,9 @@ class SamplerSettings(Section):
     rescale: float = option(0.2, "CFG rescale strength (official 0.2).", minimum=0.0, maximum=1.0, step=0.01)
     t_max: int = option(T_MAX, "Start timestep (899 = all of STAR's 900 noise levels, official).",
                         minimum=1, maximum=999)
-    chunk_len: int = option(32, "Maximum latent frames per model call (official 32); lower needs less memory.",
-                            minimum=1, maximum=100_000)
+    chunk_len: int = option(32, "Maximum latent frames per model call (official 32); lower needs less memory. auto: "
+                            "32, or the longest that fits the memory budget.", minimum=1, maximum=100_000, kind=int,
+                            auto=True)
     overlap: int | None = option(None, "Frames shared by neighbouring chunks (automatic: chunk length // 4; the "
                                  "official fusion always uses half a chunk).", minimum=0, kind=int)
     fusion: str = option(DEFAULT_FUSION, "How overlapping chunks are joined: official hard cuts, or linear / hann "
@@ -76,14 +81,20 @@ class SamplerSettings(Section):
     tile: tuple[int, int] | None = option(
         None, "Diffusion tile (height, width) in pixels: every model call sees at most this much of the frame, "
         "rounded down to sizes the network accepts (STAR: heights 16 + 64k, widths 64k px). Unset: whole frames "
-        "(official). Smaller tiles need less memory; overlapping tiles are blended.", kind=tuple)
+        "(official). auto: whole frames when they fit the memory budget, else the largest tiles that do. Smaller "
+        "tiles need less memory; overlapping tiles are blended.", kind=tuple, auto=True)
     tile_overlap: int | None = option(None, "Pixels shared by neighbouring diffusion tiles (automatic: a quarter of "
                                       "the tile).", minimum=0, maximum=MAX_TILE, kind=int)
     tile_blend: str = option("linear", "How overlapping diffusion tiles are blended: linear or hann ramps (never "
                              "zero inside the frame).", choices=BLENDS)
 
+    @property
+    def has_auto(self) -> bool:
+        """Whether an option is still ``auto`` (to be chosen for a memory budget by :mod:`star_core.autosize`)."""
+        return AUTO in (self.chunk_len, self.tile)
+
     def check(self) -> None:
-        if self.tile is not None:
+        if self.tile is not None and self.tile != AUTO:
             if not isinstance(self.tile, tuple) or len(self.tile) != 2 or any(
                     not isinstance(v, int) or isinstance(v, bool) or not VAE_FACTOR <= v <= MAX_TILE
                     for v in self.tile):
@@ -92,6 +103,8 @@ class SamplerSettings(Section):
             if self.tile_overlap is not None and self.tile_overlap >= min(self.tile):
                 raise SpecError(self.path("tile_overlap"), f"({self.tile_overlap} px) must be smaller than the tile "
                                 f"({self.tile[0]}x{self.tile[1]} px)")
+        if self.chunk_len == AUTO:
+            return  # the overlap is checked against the chunk length chosen for the budget
         if self.overlap is not None and self.fusion != "official" and self.overlap >= self.chunk_len:
             raise SpecError(self.path("overlap"), f"({self.overlap}) must be smaller than the chunk length "
                             f"({self.chunk_len})")
@@ -99,6 +112,11 @@ class SamplerSettings(Section):
             raise SpecError(self.path("overlap"), f"must be left automatic with the official fusion (it always "
                             f"overlaps by {official_overlap(self.chunk_len)} frames for a chunk length of "
                             f"{self.chunk_len}); use fusion linear or hann for another overlap")
+
+
+class SharedOutOfMemory(MemoryError):
+    """Some rank's network calls ran out of memory during a shared evaluation (the message names the ranks):
+    every rank raises it, so that all of them repeat the evaluation with smaller windows (:class:`Replan`)."""
 
 
 # on_evaluation(done, total): called before each network call with the calls finished so far; raising stops the run.
@@ -184,6 +202,9 @@ def plan_evaluations(latent_shape: Sequence[int], settings: SamplerSettings, lev
         levels (`int`, *optional*): resolution levels of the network (:func:`network_levels`), whose size rule
             every tile obeys; None accepts every tile size (a model without size rules).
     """
+    if settings.has_auto:
+        raise ValueError("sampler settings with 'auto' options must be sized for a memory budget first "
+                         "(star_core.autosize.sampler_sizing, as star_core.pipeline.sample does)")
     frames, height, width = (int(n) for n in latent_shape[2:5])
     return Grid((plan_chunks(frames, settings.chunk_len, settings.overlap, settings.fusion),
                  plan_tile_axis(height, settings, levels, "h"), plan_tile_axis(width, settings, levels, "w")),
@@ -226,13 +247,16 @@ class StarDenoiser:
             ``total`` = calls per denoiser evaluation × ``evaluations``; raising stops the run.
         evaluations (`int`): denoiser evaluations the run will make (for ``total``).
         replan (`Replan`, *optional*): smaller windows after an out-of-memory error; the failed evaluation is
-            repeated with them, and they are kept for the rest of the run.
+            repeated with them, and they are kept for the rest of the run. With several ranks, an out-of-memory
+            error in any rank's network calls makes every rank repeat the evaluation with rank 0's smaller grid.
+        work (`Distributed`, *optional*): several ranks share every evaluation (see :meth:`_shared_passes`);
+            ``total`` then counts this rank's calls.
     """
 
     def __init__(self, model_fn: ModelFn, hint: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
                  grid: Grid, cfg: float, rescale: float, batch_cfg: bool = False, *,
                  on_evaluation: EvaluationCallback | None = None, evaluations: int = 1,
-                 replan: Replan | None = None) -> None:
+                 replan: Replan | None = None, work: Distributed | None = None) -> None:
         self.model_fn = model_fn
         self.hint = hint
         self.positive = positive
@@ -245,6 +269,9 @@ class StarDenoiser:
         self.calls = 0
         self.evaluations = evaluations
         self.evaluated = 0  # evaluations finished
+        self.work = work if work is not None and work.active else None
+        # the (positive, negative) v of the next window; the shared path swaps in the exchanged results
+        self._window_passes = self._passes
         self.use_grid(grid)
         self._sigmas_vp = sigmas_vp().to(hint.device)
         self._alphas_vp = alphas_vp().to(hint.device)
@@ -255,7 +282,21 @@ class StarDenoiser:
         self.chunks = grid.part([dim for dim in grid.dims if dim not in TILE_DIMS])
         self.tiles = grid.part(TILE_DIMS)
         per_evaluation = len(grid) * model_passes(self.cfg, self.batch_cfg)
+        if self.work is not None:
+            per_evaluation = self._share(grid)
         self.total_calls = self.calls + (self.evaluations - self.evaluated) * per_evaluation
+
+    def _share(self, grid: Grid) -> int:
+        """Gives every work item of ``grid`` (window × CFG pass) its rank; returns this rank's calls per
+        evaluation. Each window's passes stay on one rank, or each pass is an item of its own when that spreads
+        the calls better (e.g. one window on two ranks)."""
+        passes = model_passes(self.cfg, self.batch_cfg)
+        self._outputs = 1 if self.cfg == 1 else 2  # v per window
+        self._split = passes == 2 and self.work.split_passes(len(grid), 2)
+        count = len(grid) * self._outputs
+        self._owners = [self.work.owner(k if self._split else k // self._outputs) for k in range(count)]
+        mine = self._owners.count(self.work.rank)
+        return mine if self._split else mine // self._outputs * passes
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
         if self.on_evaluation is not None:
@@ -282,12 +323,12 @@ class StarDenoiser:
     def _v(self, xt: torch.Tensor, t: torch.Tensor, hint: torch.Tensor) -> torch.Tensor:
         """The guided v of one chunk: the network on every tile, the tiles blended, then CFG + rescale."""
         if self.tiles is None or self.tiles.is_single():
-            return self._guide(*self._passes(xt, t, hint))
+            return self._guide(*self._window_passes(xt, t, hint))
         cond = torch.zeros_like(xt)
         uncond = None if self.cfg == 1 else torch.zeros_like(xt)
         for index in self.tiles.indices():
-            tile_cond, tile_uncond = self._passes(self.tiles.slice(xt, index).contiguous(), t,
-                                                  self.tiles.slice(hint, index).contiguous())
+            tile_cond, tile_uncond = self._window_passes(self.tiles.slice(xt, index).contiguous(), t,
+                                                         self.tiles.slice(hint, index).contiguous())
             self.tiles.accumulate(cond, index, tile_cond)
             if uncond is not None:
                 self.tiles.accumulate(uncond, index, tile_uncond)
@@ -302,26 +343,89 @@ class StarDenoiser:
                 self.evaluated += 1
                 return x0
             except BaseException as error:
-                if self.replan is None or not self.replan.matches(error):
+                if self.replan is None or not (isinstance(error, SharedOutOfMemory) if self.work is not None
+                                               else self.replan.matches(error)):
                     raise
                 failure = error.with_traceback(None)  # its frames would keep the failed evaluation's tensors
             self.calls = start  # the repeated evaluation's calls replace the failed one's
-            self.use_grid(self.replan.smaller(self.grid, failure))
+            if self.work is None:
+                smaller = self.replan.smaller(self.grid, failure)
+            else:  # every rank must fuse the same windows: rank 0 chooses them
+                smaller = self.work.broadcast(self.replan.smaller(self.grid, failure) if self.work.is_main else None,
+                                              what=f"the smaller windows after: {failure}")
+            self.use_grid(smaller)
 
     def _evaluate(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         xt = x * c_in(sigma)
         t = model_timestep(sigma, len(xt)).to(x.device)
         shape = (-1,) + (1,) * (xt.ndim - 1)
         alpha_t, sigma_t = self._alphas_vp[t].view(shape), self._sigmas_vp[t].view(shape)
-        if self.chunks is None or self.chunks.is_single():
-            return alpha_t * xt - sigma_t * self._v(xt, t, self.hint)
-        acc = torch.zeros_like(xt)
-        for index in self.chunks.indices():
-            xt_window = self.chunks.slice(xt, index).contiguous()
-            v = self._v(xt_window, t, self.chunks.slice(self.hint, index).contiguous())
-            self.chunks.accumulate(acc, index, alpha_t * xt_window - sigma_t * v)
-            del v  # free this window's prediction before the next window's forward
-        return self.chunks.normalize(acc)
+        if self.work is not None:
+            self._window_passes = self._shared_passes(xt, t)
+        try:
+            if self.chunks is None or self.chunks.is_single():
+                return alpha_t * xt - sigma_t * self._v(xt, t, self.hint)
+            acc = torch.zeros_like(xt)
+            for index in self.chunks.indices():
+                xt_window = self.chunks.slice(xt, index).contiguous()
+                v = self._v(xt_window, t, self.chunks.slice(self.hint, index).contiguous())
+                self.chunks.accumulate(acc, index, alpha_t * xt_window - sigma_t * v)
+                del v  # free this window's prediction before the next window's forward
+            return self.chunks.normalize(acc)
+        finally:
+            self._window_passes = self._passes
+
+    def _shared_passes(self, xt: torch.Tensor, t: torch.Tensor) -> Callable:
+        """
+        The network work of one evaluation shared by the ranks: this rank runs the work items it owns (windows =
+        chunks × tiles, or single CFG passes of them), every rank receives every item's v, and the returned
+        function hands them to the fusion of :meth:`_evaluate` in grid order (chunk-major, tiles row-major: the
+        order in which :meth:`_v` visits them) — the same operations on the same numbers as one process, so the x0
+        (and the latent) is bit-identical on every rank. Exchanged per evaluation: every window's positive and
+        negative v (the positive only without CFG), in the latent's dtype.
+
+        With a :class:`Replan`, the ranks first tell each other whether their network calls ran out of memory;
+        if any did, every rank raises :class:`SharedOutOfMemory` so that all of them repeat the evaluation.
+        """
+        windows = list(self.grid.indices())
+        contexts = (self.positive, self.negative)
+        outputs: dict[int, torch.Tensor] = {}
+        failure: BaseException | None = None
+        try:
+            for w, index in enumerate(windows):
+                first = w * self._outputs
+                owned = [k for k in range(first, first + self._outputs) if self._owners[k] == self.work.rank]
+                if not owned:
+                    continue
+                xt_window = self.grid.slice(xt, index).contiguous()
+                hint = self.grid.slice(self.hint, index).contiguous()
+                if self._split:
+                    for k in owned:
+                        outputs[k] = self._call(xt_window, t, contexts[k - first], hint)
+                else:
+                    for k, v in zip(owned, self._passes(xt_window, t, hint)):
+                        outputs[k] = v
+        except BaseException as error:
+            if self.replan is None or not self.replan.matches(error):
+                raise
+            failure, outputs = error.with_traceback(None), {}
+        what = f"sampler evaluation {self.evaluated + 1}"
+        if self.replan is not None:
+            failed = self.work.flagged(failure is not None, what=f"{what} (out-of-memory check)")
+            if failed:
+                ranks = ", ".join(f"rank {r}" for r in failed)
+                raise SharedOutOfMemory(f"{ranks} ran out of memory at {what}") from failure
+        shapes = [tuple(self.grid.slice(xt, windows[k // self._outputs]).shape) for k in range(len(self._owners))]
+        received = iter(self.work.exchange(outputs, shapes, self._owners, stage="sample", what=what,
+                                           dtype=xt.dtype, device=xt.device))
+        del outputs
+
+        def window_passes(xt_window: torch.Tensor, t: torch.Tensor, hint: torch.Tensor):
+            passes = [next(received) for _ in range(self._outputs)]
+            assert passes[0].shape == xt_window.shape, "windows must be fused in grid order"
+            return passes[0], (passes[1] if self._outputs == 2 else None)
+
+        return window_passes
 
 
 def solver_sigmas(settings: SamplerSettings, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -348,6 +452,7 @@ def sample_star(
     on_evaluation: EvaluationCallback | None = None,
     grid: Grid | None = None,
     replan: Replan | None = None,
+    work: Distributed | None = None,
 ) -> torch.Tensor:
     """STAR's ``sample_sr``: noise the LR latent to ``t_max``, then DPM++(2M) SDE with CFG + rescale and chunking.
 
@@ -366,6 +471,8 @@ def sample_star(
         grid (`Grid`, *optional*): the windows of one evaluation (default :func:`plan_evaluations`, with the size
             rule of ``model_fn``'s config when it carries one, see :func:`network_levels`).
         replan (`Replan`, *optional*): smaller windows after an out-of-memory error (see :class:`StarDenoiser`).
+        work (`Distributed`, *optional*): ranks that share every evaluation; every rank must call this with the same
+            inputs, and every rank returns the same latent, bit-identical to one process.
 
     Returns:
         `torch.Tensor`: the sampled latent ``[1,4,F,h,w]``.
@@ -388,5 +495,5 @@ def sample_star(
     grid = plan_evaluations(lr_latent.shape, settings, network_levels(model_fn)) if grid is None else grid
     denoiser = StarDenoiser(model_fn, lr_latent, positive, negative, grid, settings.cfg, settings.rescale,
                             settings.batch_cfg, on_evaluation=on_evaluation, evaluations=len(sigmas) - 1,
-                            replan=replan)
+                            replan=replan, work=work)
     return sample_dpmpp_2m_sde(denoiser, x, sigmas, noise_sampler=noise_sampler, callback=callback)

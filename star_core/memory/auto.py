@@ -47,9 +47,14 @@ class NoPlanFits(MemoryError):
         if budget is None:
             head = f"out of memory{where} even with the smallest plan"
         else:
-            head = f"nothing fits in {budget / GIB:.2f} GiB{where}: the smallest plan"
-        super().__init__(f"{head} ({plan.describe(stage)}) needs {needed / GIB:.2f} GiB; free memory or lower the "
+            head = f"nothing fits in {_amount(budget)}{where}: the smallest plan"
+        super().__init__(f"{head} ({plan.describe(stage)}) needs {_amount(needed)}; free memory or lower the "
                          f"output size")
+
+
+def _amount(size: int) -> str:
+    """Bytes for a message: GiB with two decimals, MiB below a tenth of a GiB."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB / 10 else f"{size / 2**20:.1f} MiB"
 
 
 _STAGE_NAMES = {"sample": "sampling", "encode": "VAE encode", "decode": "VAE decode"}
@@ -175,11 +180,12 @@ def candidates(base: PlanSizes, stage: str, components: Components | None = None
 
 def choose_plan(budget: int, base: PlanSizes, components: Components | None = None, *,
                 auto: Iterable[str] = AUTO_FIELDS, margin: float = DEFAULT_MARGIN,
-                min_chunk: int = DEFAULT_MIN_CHUNK, overhead: int = 0, brownian: bool = True) -> PlanSizes:
+                min_chunk: int = DEFAULT_MIN_CHUNK, overhead: int = 0, brownian: bool = True,
+                stages: Iterable[str] = STAGES) -> PlanSizes:
     """
-    The most preferred plan whose estimated peak fits `budget` (less a `margin`) in every stage. The stages are
-    independent (each has its own fields, `STAGE_FIELDS`), so each gets the most preferred of its `candidates`
-    that fits, with the weights the components keep resident.
+    The most preferred plan whose estimated peak fits `budget` (less a `margin`) in every stage of `stages`. The
+    stages are independent (each has its own fields, `STAGE_FIELDS`), so each gets the most preferred of its
+    `candidates` that fits, with the weights the components keep resident.
 
     Parameters:
         budget (`int`): bytes available on the device (e.g. ComfyUI's ``model_management.get_free_memory()``, the
@@ -192,6 +198,8 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
         min_chunk (`int`): shortest chunk preferred over diffusion tiling (1: tile only when even one frame
             does not fit untiled).
         overhead (`int`), brownian (`bool`): see `estimate_peak`.
+        stages (`Iterable[str]`): the stages to size (default all; a host that runs the stages separately, like
+            the ComfyUI nodes, sizes each when it runs).
 
     Returns:
         `PlanSizes`: the chosen plan.
@@ -209,7 +217,8 @@ def choose_plan(budget: int, base: PlanSizes, components: Components | None = No
         raise ValueError(f"choose_plan: the budget must be a positive number of bytes, got {budget!r}")
     usable = budget * (1 - margin)
     plan, failures = base, []
-    for stage in STAGES:
+    stages = set(stages)
+    for stage in (stage for stage in STAGES if stage in stages):
         smallest = None
         for candidate in candidates(plan, stage, components, auto, min_chunk=min_chunk):
             need = stage_peak(candidate, stage, components, overhead=overhead, brownian=brownian).total
