@@ -4,9 +4,10 @@ Everything here is ComfyUI-specific plumbing; the numbers are computed by star_c
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -19,6 +20,7 @@ from comfy.model_patcher import ModelPatcher
 from star_core import autosize, pipeline
 from star_core.host import HostContext, ProgressEvent
 from star_core.identify import check_context_width
+from star_core.options import SpecError
 from star_core.vae import SVDVideoVAE, build_vae
 
 CATEGORY = "STAR"
@@ -26,6 +28,22 @@ CATEGORY = "STAR"
 GEOMETRY_KEY = "star_geometry"
 SEED_KEY = "star_seed"  # the run's seed: LR Encode drew the posterior noise from it, the sampler continues it
 SOURCE_KEY = "star_source"  # (FrameSource, audio file or None): the LR frames, read again by STAR Decode Video
+
+# The node input that sets each run option (the same name on every node that shows it), for error messages; the CLI's
+# counterpart is `star_core.cli.FLAG_OF`.
+SPEC_INPUTS = {
+    "output.scale": "scale", "output.target": "target_width/target_height", "output.padding": "padding",
+    "encode.posterior": "posterior", "encode.tile": "tile", "encode.tile_overlap": "tile_overlap", "seed": "seed",
+    "sampler.mode": "solver_mode", "sampler.steps": "steps", "sampler.cfg": "cfg", "sampler.rescale": "rescale",
+    "sampler.t_max": "denoise", "sampler.chunk_len": "chunk_length", "sampler.overlap": "chunk_overlap",
+    "sampler.fusion": "fusion", "sampler.tile": "diffusion_tile",
+    "decode.tile": "tile", "decode.tile_overlap": "tile_overlap",
+    "decode.window": "temporal_window", "decode.window_overlap": "temporal_overlap", "colour.method": "method",
+    "colour.strength": "strength", "prompt.prompt": "prompt", "prompt.suffix": "suffix",
+    "prompt.negative_prompt": "negative_prompt",
+}
+# Nodes whose input for a run option has another name than in `SPEC_INPUTS` (by display name).
+RENAMED_INPUTS = {"STAR Upscale": {"encode.tile": "vae_tile", "decode.tile": "vae_tile"}}
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 for _name in ("float8_e4m3fn", "float8_e5m2"):
@@ -77,7 +95,27 @@ def check_model_file(folder: str, name: str, input_name: str) -> bool | str:
     available = folder_paths.get_filename_list(folder)
     where = ", ".join(folder_paths.get_folder_paths(folder))
     listing = ", ".join(f"'{f}'" for f in available) if available else "none"
-    return f"{input_name}: '{name}' not found in {where}. Available: {listing}."
+    message = f"{input_name}: '{name}' not found in {where}. Available: {listing}."
+    for other in folder_paths.folder_names_and_paths:  # a file put in the wrong models folder: say where it is
+        found = folder_paths.get_full_path(other, name) if other not in (folder, "custom_nodes") else None
+        if found is not None:
+            return f"{message} '{name}' is in {found} (the '{other}' folder): move it to {where}."
+    return message
+
+
+def input_name(node: str, path: str) -> str:
+    """The input of node `node` (display name) that sets the run option `path` (its dotted spec name)."""
+    return RENAMED_INPUTS.get(node, {}).get(path) or SPEC_INPUTS.get(path, path)
+
+
+@contextlib.contextmanager
+def inputs_of(node: str) -> Iterator[None]:
+    """Turns a run-spec validation error into one that names the node (display name) and its input, e.g. ``STAR
+    Sampler: chunk_overlap (8) must be smaller than the chunk length (8)``."""
+    try:
+        yield
+    except SpecError as exc:
+        raise ValueError(f"{node}: {input_name(node, exc.path)} {exc.problem}") from None
 
 
 class Progress:

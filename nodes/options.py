@@ -9,6 +9,8 @@ from star_core.geometry import PADDING_MODES
 from star_core.options import AUTO
 from star_core.spec import DEFAULTS, RunSpec, default
 
+from . import host
+
 
 def seed_input() -> io.Int.Input:
     """The run's one seed (with the frontend's randomize/fixed control)."""
@@ -87,16 +89,21 @@ def target_of(target_width: int, target_height: int, node: str) -> tuple[int, in
 
 def encode_spec(node: str, *, scale: float, target_width: int, target_height: int, padding: str, posterior: str,
                 seed: int, tile: int, tile_overlap: int, spec: RunSpec = DEFAULTS) -> RunSpec:
-    """The run spec of the geometry and encode widgets (0 = auto for tiles, 0 = off for targets)."""
-    return spec.with_options({"output.scale": scale, "output.target": target_of(target_width, target_height, node),
-                              "output.padding": padding, "encode.posterior": posterior, "encode.tile": tile or AUTO,
-                              "encode.tile_overlap": tile_overlap, "seed": seed})
+    """The run spec of the geometry and encode widgets (0 = auto for tiles, 0 = off for targets); errors name
+    `node`'s input."""
+    target = target_of(target_width, target_height, node)
+    with host.inputs_of(node):
+        return spec.with_options({"output.scale": scale, "output.target": target, "output.padding": padding,
+                                  "encode.posterior": posterior, "encode.tile": tile or AUTO,
+                                  "encode.tile_overlap": tile_overlap, "seed": seed})
 
 
-def decode_spec(*, tile: int, tile_overlap: int, temporal_window: int, temporal_overlap: int,
+def decode_spec(node: str, *, tile: int, tile_overlap: int, temporal_window: int, temporal_overlap: int,
                 method: str = default("colour.method"), strength: float = default("colour.strength"),
                 spec: RunSpec = DEFAULTS) -> RunSpec:
-    """The run spec of the decode (and colour) widgets (0 = auto for the tile and the window)."""
-    return spec.with_options({"decode.tile": tile or AUTO, "decode.tile_overlap": tile_overlap,
-                              "decode.window": temporal_window or AUTO, "decode.window_overlap": temporal_overlap,
-                              "colour.method": method, "colour.strength": strength})
+    """The run spec of the decode (and colour) widgets (0 = auto for the tile and the window); errors name `node`'s
+    input."""
+    with host.inputs_of(node):
+        return spec.with_options({"decode.tile": tile or AUTO, "decode.tile_overlap": tile_overlap,
+                                  "decode.window": temporal_window or AUTO, "decode.window_overlap": temporal_overlap,
+                                  "colour.method": method, "colour.strength": strength})

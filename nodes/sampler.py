@@ -82,10 +82,11 @@ class STARSampler(io.ComfyNode):
                 diffusion_tile: int = 0) -> io.NodeOutput:
         host.geometry_of(lr_latent, "STAR Sampler lr_latent")
         seed = host.seed_of(lr_latent, "STAR Sampler lr_latent")
-        settings = SamplerSettings(mode=solver_mode, steps=steps, cfg=cfg, rescale=rescale,
-                                   t_max=t_max_for_denoise(denoise), chunk_len=chunk_length or AUTO,
-                                   tile=(diffusion_tile, diffusion_tile) if diffusion_tile else AUTO,
-                                   overlap=None if chunk_overlap < 0 else chunk_overlap, fusion=fusion)
+        with host.inputs_of("STAR Sampler"):
+            settings = SamplerSettings(mode=solver_mode, steps=steps, cfg=cfg, rescale=rescale,
+                                       t_max=t_max_for_denoise(denoise), chunk_len=chunk_length or AUTO,
+                                       tile=(diffusion_tile, diffusion_tile) if diffusion_tile else AUTO,
+                                       overlap=None if chunk_overlap < 0 else chunk_overlap, fusion=fusion)
         width = star_model.model.config.context_dim
         positive = host.conditioning_context(positive, "positive", width)
         negative = host.conditioning_context(negative, "negative", width)

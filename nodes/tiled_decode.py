@@ -5,7 +5,6 @@ import torch
 from comfy_api.latest import io
 
 from star_core import pipeline
-from star_core.vae.base import OFFICIAL_WINDOW
 
 from . import host, options
 from .types import vae_input
@@ -33,11 +32,8 @@ class STARTiledVAEDecode(io.ComfyNode):
     def execute(cls, samples, vae, tile: int, tile_overlap: int, temporal_window: int,
                 temporal_overlap: int) -> io.NodeOutput:
         geometry = host.geometry_of(samples, "STAR Tiled VAE Decode samples")
-        if temporal_overlap >= (temporal_window or OFFICIAL_WINDOW):
-            raise ValueError(f"STAR Tiled VAE Decode: temporal_overlap ({temporal_overlap}) must be smaller than "
-                             f"temporal_window ({temporal_window or f'auto: at most {OFFICIAL_WINDOW}'})")
-        spec = options.decode_spec(tile=tile, tile_overlap=tile_overlap, temporal_window=temporal_window,
-                                   temporal_overlap=temporal_overlap)
+        spec = options.decode_spec("STAR Tiled VAE Decode", tile=tile, tile_overlap=tile_overlap,
+                                   temporal_window=temporal_window, temporal_overlap=temporal_overlap)
         video = host.video_vae(vae)
         ctx = host.context(video.model)
         with ctx.scope():

@@ -49,8 +49,9 @@ class STARUpscale(io.ComfyNode):
                 vae_tile: int) -> io.NodeOutput:
         positive, negative = conditioning(clip, prompt, default("prompt.suffix"), default("prompt.negative_prompt"),
                                           "STAR Upscale")
-        spec = DEFAULTS.with_options({"output.scale": scale, "output.padding": padding, "seed": seed,
-                                      "encode.tile": vae_tile or AUTO, "decode.tile": vae_tile or AUTO})
+        with host.inputs_of("STAR Upscale"):
+            spec = DEFAULTS.with_options({"output.scale": scale, "output.padding": padding, "seed": seed,
+                                          "encode.tile": vae_tile or AUTO, "decode.tile": vae_tile or AUTO})
         # a text encoder of another width than the model's context is refused before the video is encoded
         width = star_model.model.config.context_dim
         positive = host.conditioning_context(positive, "prompt", width)

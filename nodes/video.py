@@ -64,7 +64,10 @@ def video_source(video, name: str = "video") -> tuple[FrameSource, str | None]:
         raise ValueError(f"{name}: expected a VIDEO (Load Video, Create Video), got {type(video).__name__}")
     path = _stream_path(video)
     if path is not None:
-        return FileSource(path), path
+        source = FileSource(path)
+        for note in source.video.notes():  # truncated file, alpha dropped, >8-bit read as 8-bit
+            LOG.info("STAR video: %s: %s", source.info.name, note)
+        return source, path
     components = video.get_components()
     return TensorSource(components.images, components.frame_rate, name=name), None
 
@@ -138,7 +141,10 @@ class STARVideo(VideoInput):
         if (bit_depth not in (None, 8)) or (color_space not in (None, "auto", "sRGB")):
             raise ValueError("STAR video: only 8-bit sRGB output is supported (set bit depth 8 / color space sRGB)")
         tags = {key: json.dumps(value) for key, value in (metadata or {}).items()}  # as core SaveVideo stores them
-        options = dict(crf=None if crf is None else int(round(crf)), audio_from=self.audio_from, metadata=tags)
+        # a file source also gives its rotation (display matrix) and variable-frame-rate timestamps to the output
+        options = dict(crf=None if crf is None else int(round(crf)), audio_from=self.audio_from, metadata=tags,
+                       source=self.source if isinstance(self.source, FileSource) else None,
+                       log=lambda message: LOG.info("STAR video: %s", message))
         if isinstance(path, (str, os.PathLike)):
             self.write_to(VideoFileSink(Path(path), codec=writer_codec, **options))
             return

@@ -32,7 +32,8 @@ class STARVideoDecode(io.ComfyNode):
                 method: str, strength: float) -> io.NodeOutput:
         name = "STAR Decode Video samples"
         geometry = host.geometry_of(samples, name)
-        spec = options.decode_spec(tile=tile, tile_overlap=tile_overlap, temporal_window=temporal_window,
-                                   temporal_overlap=temporal_overlap, method=method, strength=strength)
+        spec = options.decode_spec("STAR Decode Video", tile=tile, tile_overlap=tile_overlap,
+                                   temporal_window=temporal_window, temporal_overlap=temporal_overlap,
+                                   method=method, strength=strength)
         source, audio_from = host.source_of(samples, name)
         return io.NodeOutput(STARVideo(samples["samples"], geometry, vae, spec, source, audio_from))

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,13 +33,16 @@ from .distributed import DEFAULT_TIMEOUT_S, Distributed, DistributedError, plan_
 from .identify import check_context_width
 from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .host import HostContext, ProgressEvent
-from .memory import NoPlanFits
+from .memory import NoPlanFits, free_cached_memory, is_out_of_memory
 from .options import AUTO, SpecError
 from .spec import DEFAULTS, RunSpec, default, option_info
 from .train.cli import add_train_parser, run_train
-from .video_io import CODECS, VIDEO_EXTENSIONS, FileSource, VideoFileSink, probe_video, write_synthetic_clip
+from .video_io import CODECS, VIDEO_EXTENSIONS, FileSource, VideoFileSink, check_output, write_synthetic_clip
 
-EXIT_FAILED, EXIT_MODELS_MISSING = 1, 3
+EXIT_FAILED, EXIT_MODELS_MISSING, EXIT_INTERRUPTED = 1, 3, 130
+# What lowers the memory a run needs, for the out-of-memory message (largest effect first).
+OOM_ADVICE = ("lower the memory a step needs: --diffusion-tile 512 (sampling), --decode-tile 512 --encode-tile 512, "
+              "a shorter --chunk-len (e.g. 16), --dtype fp16, or a smaller output (--scale / --target-size)")
 DEMO_FRAMES = 8  # 8 frames of 48x32, x2: small enough for a CPU, long enough to exercise windows and chunks
 DEMO_NOTE = ("--demo-tiny: tiny RANDOM-weight models on a generated clip. The output is noise: this checks that the "
              "install runs end to end, not the quality.")
@@ -206,15 +209,20 @@ def run_download(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------- inputs/outputs
 
-def expand_inputs(items: list[str]) -> list[tuple[Path, bool]]:
-    """Input videos from files, folders and globs, as ``(path, came_from_a_collection)`` in a stable order."""
+def expand_inputs(items: list[str], log: Callable[[str], None] | None = None) -> list[tuple[Path, bool]]:
+    """Input videos from files, folders and globs, as ``(path, came_from_a_collection)`` in a stable order; files
+    of a folder without a video extension are left out (and listed through ``log``)."""
     found: list[tuple[Path, bool]] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            videos = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS)
+            files = sorted(p for p in path.iterdir() if p.is_file())
+            videos = [p for p in files if p.suffix.lower() in VIDEO_EXTENSIONS]
             if not videos:
                 raise InputError(f"input folder {path} holds no video files ({', '.join(VIDEO_EXTENSIONS)})")
+            others = [p.name for p in files if p not in videos and not p.name.startswith(".")]
+            if others and log is not None:
+                log(f"{path}: ignoring {len(others)} file(s) without a video extension: {', '.join(others)}")
             found.extend((p, True) for p in videos)
         elif path.is_file():
             found.append((path, False))
@@ -242,9 +250,17 @@ def plan_outputs(inputs: list[tuple[Path, bool]], output: Path, codec: str) -> l
         names = [dst for _, dst in pairs]
         if len(set(names)) != len(names):
             raise InputError("two inputs have the same name and would write the same output: process them separately")
-    for src, dst in pairs:
-        if dst.resolve() == src.resolve():
-            raise InputError(f"output {dst} would overwrite its input: choose another output")
+    sources = [src for src, _ in inputs]
+    for own, dst in pairs:
+        for src in sources:
+            if dst.resolve() == src.resolve() or (dst.exists() and os.path.samefile(dst, src)):
+                which = "its input" if src == own else f"another input, {src}"
+                raise InputError(f"output {dst} would overwrite {which}: choose another output")
+        for parent in dst.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise InputError(f"output {dst} cannot be written: {parent} is a file, not a folder")
+                break
     return pairs
 
 
@@ -403,6 +419,31 @@ def load_components(args: argparse.Namespace, spec: RunSpec, device: torch.devic
     return pipeline.Components(unet, vae, positive, negative)
 
 
+def out_of_memory_message(error: BaseException) -> str:
+    """One line for a video that ran out of memory: what ran out and what lowers the memory a step needs."""
+    if isinstance(error, NoPlanFits):  # the retry's own verdict: names the smallest plan tried and what it needs
+        return str(error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"out of memory ({first}); {OOM_ADVICE}"
+
+
+def _log(message: str) -> None:
+    """A note for the user: one line on stderr, printed between the progress bars."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def _file_spec(spec: RunSpec, source: FileSource, log: Callable[[str], None] | None = None) -> RunSpec:
+    """The spec for one file: ``--target-size`` names the picture as shown, so for a file shown rotated by 90 or
+    270 degrees it is swapped to the stored frames (which are what is upscaled); ``log`` gets a note saying so."""
+    target = spec.output.target
+    if target is None or round(source.video.rotation) % 180 == 0:
+        return spec
+    if log is not None:
+        log(f"{source.info.name}: shown rotated by {source.video.rotation:g} degrees: --target-size "
+            f"{target[0]}x{target[1]} applies to the picture as shown, {target[1]}x{target[0]} to the stored frames")
+    return spec.with_options({"output.target": (target[1], target[0])})
+
+
 def memory_budget(args: argparse.Namespace, components: pipeline.Components, device: torch.device) -> int | None:
     """Bytes the run may use for its ``auto`` sizes: ``--memory-budget``, else the device's free memory plus the
     models' weights on it (measured before each video)."""
@@ -424,29 +465,43 @@ def shared_budget(work: Distributed, budget: int | None) -> int | None:
     return min(known) if known else None
 
 
-def _probe(pairs: list[tuple[Path, Path]], indices: list[int]) -> tuple[list[int], list[float], list[str]]:
-    """Probes the inputs ``indices``: the readable ones, their work (frames × pixels), the errors of the others."""
+def _probe(pairs: list[tuple[Path, Path]], indices: list[int], spec: RunSpec, codec: str,
+           crf: int | None) -> tuple[list[int], list[float], list[str]]:
+    """
+    Opens the inputs ``indices`` before any model is loaded, so unreadable inputs and outputs the codec cannot
+    write fail fast; logs what will change about an input (truncated, alpha, bit depth, rotation).
+
+    Returns:
+        `tuple`: the runnable indices, their work (frames x pixels) and one error line per bad input.
+    """
     checked, costs, errors = [], [], []
     for index in indices:
+        src = pairs[index][0]
         try:
-            info = probe_video(pairs[index][0])
+            source = FileSource(src)
+            check_output(codec, crf, pipeline.plan(source.info, _file_spec(spec, source, _log)).target_size)
         except (ValueError, FileNotFoundError) as exc:
             errors.append(f"error: {exc}")
             continue
+        for note in source.video.notes():
+            _log(f"{src.name}: {note}")
         checked.append(index)
-        costs.append(float(info.frame_count * info.width * info.height))
+        costs.append(float(source.info.frames * source.info.width * source.info.height))
     return checked, costs, errors
 
 
 def _upscale_one(src: Path, dst: Path, args: argparse.Namespace, spec: RunSpec, components: pipeline.Components,
                  host: HostContext, tag: str) -> None:
-    """One video from file to file through :func:`pipeline.run` (on every rank of a shared video)."""
+    """One video from file to file through :func:`pipeline.run` (on every rank of a shared video); an existing
+    output is replaced only once the new video is complete (said in the log)."""
     started = time.perf_counter()
+    if dst.exists():
+        host.log(f"{dst} exists: it is replaced once the new video is complete (--skip-existing keeps it)")
     try:
         source = FileSource(src)
         audio = src if source.video.has_audio and not args.no_audio else None
-        sink = VideoFileSink(dst, codec=args.codec, crf=args.crf, audio_from=audio)
-        pipeline.run(source, sink, spec, components, host)
+        sink = VideoFileSink(dst, codec=args.codec, crf=args.crf, audio_from=audio, source=source, log=host.log)
+        pipeline.run(source, sink, _file_spec(spec, source), components, host)
     finally:
         if isinstance(host.progress, Progress):
             host.progress.close()
@@ -459,14 +514,18 @@ def run_upscale(args: argparse.Namespace) -> int:
     """Runs the ``upscale`` command; returns the process exit code (under torchrun: this rank's)."""
     if not args.inputs and not args.demo_tiny:
         raise InputError("give at least one input video (or --demo-tiny for the install self-check)")
-    pairs = plan_outputs(expand_inputs(args.inputs), args.output, args.codec)
-    spec = spec_from_args(args)
+    try:
+        check_output(args.codec, args.crf)
+    except ValueError as exc:
+        raise InputError(f"--{exc}") from None
     if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     if args.dist_timeout <= 0:
         raise InputError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.memory_budget is not None and not args.memory_budget > 0:
         raise InputError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
+    pairs = plan_outputs(expand_inputs(args.inputs, _log), args.output, args.codec)
+    spec = spec_from_args(args)
     device = pick_device(args.device)
     if not Distributed.launched():
         return _upscale_batch(args, spec, pairs, device, Distributed())
@@ -487,46 +546,63 @@ def run_upscale(args: argparse.Namespace) -> int:
 
 def _upscale_batch(args: argparse.Namespace, spec: RunSpec, pairs: list[tuple[Path, Path]], device: torch.device,
                    work: Distributed) -> int:
-    """Skips, probes and spreads the videos over the ranks (rank 0 decides), loads the models once, processes."""
+    """Skips, probes and spreads the videos over the ranks (rank 0 decides), loads the models once, processes.
+    Outside torchrun a video that fails (bad input, out of memory) is reported and the batch goes on, and Ctrl-C
+    stops with one line."""
     tag = f"[rank {work.rank}] " if work.active else ""
     plan = None
     if work.is_main:
         todo = [i for i, (_, dst) in enumerate(pairs) if not (args.skip_existing and dst.exists())]
         for src, dst in (pairs[i] for i in sorted(set(range(len(pairs))) - set(todo))):
             print(f"skip {src}: {dst} exists (--skip-existing)", file=sys.stderr)
-        checked, costs, errors = _probe(pairs, todo)  # before loading any model, so bad inputs fail fast
+        checked, costs, errors = _probe(pairs, todo, spec, args.codec, args.crf)  # before loading any model
         for error in errors:
             print(error, file=sys.stderr)
-        plan = (checked, plan_batch(costs, work.world_size), len(errors))
-    checked, batch, probe_failures = work.broadcast(plan, what="the batch plan")
+        plan = (checked, plan_batch(costs, work.world_size), len(errors), len(todo))
+    checked, batch, probe_failures, total = work.broadcast(plan, what="the batch plan")
     failures = probe_failures if work.is_main else 0
     if not checked:
         return EXIT_FAILED if probe_failures else 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     components = load_components(args, spec, device)
-    log = (lambda message: tqdm.write(message, file=sys.stderr)) if work.is_main else (lambda message: None)
+    log = _log if work.is_main else (lambda message: None)
+
+    def host_for(src: Path, **extra) -> HostContext:
+        return HostContext(device=device, progress=Progress(src.name, enabled=not args.quiet and work.is_main),
+                           log=lambda message: log(f"{src.name}: {message}"), **extra)
+
     # the shared videos first, while the ranks are in step; then each rank's own videos, without communication
     for position in batch.shared:
         src, dst = pairs[checked[position]]
-        progress = Progress(src.name, enabled=not args.quiet and work.is_main)
         budget = shared_budget(work, memory_budget(args, components, device))
-        _upscale_one(src, dst, args, spec, components, HostContext(device=device, progress=progress,
-                                                                   distributed=work, memory_budget=budget,
-                                                                   log=log), tag)
-    for position in batch.own[work.rank]:
+        _upscale_one(src, dst, args, spec, components, host_for(src, distributed=work, memory_budget=budget), tag)
+    own = batch.own[work.rank]
+    for done, position in enumerate(own):
         src, dst = pairs[checked[position]]
-        progress = Progress(src.name, enabled=not args.quiet and work.is_main)
-        host = HostContext(device=device, progress=progress, memory_budget=memory_budget(args, components, device),
-                           log=log)
+        host = host_for(src, memory_budget=memory_budget(args, components, device))
         try:
             _upscale_one(src, dst, args, spec, components, host, tag)
-        except (ValueError, FileNotFoundError, NoPlanFits) as exc:
+        except (ValueError, FileNotFoundError) as exc:
             failures += 1
             print(f"error: {tag}{src}: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - out of memory only (this video did not fit, the next may)
+            if not (isinstance(exc, MemoryError) or is_out_of_memory(exc, host.oom_errors)):
+                raise
+            failures += 1
+            free_cached_memory()
+            print(f"error: {tag}{src}: {out_of_memory_message(exc)}", file=sys.stderr)
+        except KeyboardInterrupt:
+            if work.active:
+                raise
+            print(f"interrupted: stopped during {src.name} (no output written for it); {done} of {len(own)} "
+                  "videos finished", file=sys.stderr)
+            return EXIT_INTERRUPTED
     failures = work.finish(failures)  # every rank ends with the same status (torchrun stops all at the first error)
     if args.demo_tiny and work.is_main:
         print("demo finished; reminder: the tiny models are random, so the video is noise.", file=sys.stderr)
+    if failures and work.is_main:
+        print(f"{failures} of {total} videos failed (see the errors above)", file=sys.stderr)
     return EXIT_FAILED if failures else 0
 
 
@@ -548,3 +624,6 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("interrupted: stopped before any video was written", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -147,6 +147,30 @@ def find_comfy_star(models_dir: Path, model: str) -> Path | None:
     return named[0] if named else None
 
 
+def find_misplaced_star(models_dir: Path, model: str) -> list[Path]:
+    """STAR checkpoints for ``model`` put in another folder of a ComfyUI models folder (e.g. ``checkpoints/``):
+    weight files named like the released ones (``light_deg.pt``) or holding both "star" and ``model``."""
+    def is_star(path: Path) -> bool:
+        name = path.name.lower()
+        return path.is_file() and path.suffix.lower() in _WEIGHT_EXT and (
+            f"{model}_deg" in name or ("star" in name and model in name))
+
+    others = [p for p in sorted(models_dir.iterdir()) if p.is_dir() and p.name not in COMFY_STAR]
+    return [path for folder in others for path in sorted(folder.iterdir()) if is_star(path)]
+
+
+def folder_listing(folder: Path, limit: int = 20) -> str:
+    """What a folder holds, for an error message: ``F holds 'a.pt', 'b.pt'`` (``limit`` names at most), ``F is
+    empty`` or ``F does not exist``."""
+    if not folder.is_dir():
+        return f"{folder} does not exist"
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    if not names:
+        return f"{folder} is empty"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{folder} holds " + ", ".join(f"'{n}'" for n in names[:limit]) + more
+
+
 def find_comfy_vae(models_dir: Path) -> Path | None:
     """An SVD temporal VAE in ``models_dir/vae``: a diffusers folder or a .safetensors whose name says SVD/video."""
     for path in _comfy_candidates(models_dir, COMFY_VAE):
@@ -274,7 +298,8 @@ def _short_reason(exc: Exception, spec: ModelFile, cache_dir: Path) -> str:
     return f"{name}: {first_line[:160]}" if first_line else name
 
 
-def _missing_message(problems: list[tuple[ModelFile, str]], cache_dir: Path, comfy: Path | None) -> str:
+def _missing_message(problems: list[tuple[ModelFile, str]], cache_dir: Path, comfy: Path | None,
+                     notes: list[str] = ()) -> str:
     lines = ["Some model files are missing and could not be downloaded. Put each file at the path shown "
              "(or pass it explicitly, see --help), then run again:"]
     for spec, reason in problems:
@@ -289,6 +314,7 @@ def _missing_message(problems: list[tuple[ModelFile, str]], cache_dir: Path, com
         lines.append(f"A ComfyUI models folder was searched too ({comfy}): STAR checkpoints go in STAR/ "
                      "(name containing 'light' or 'heavy'), the SVD VAE in vae/ (a diffusers folder or "
                      ".safetensors with 'svd' in its name), the CLIP-H text encoder in text_encoders/ or clip/.")
+    lines.extend(notes)
     return "\n".join(lines)
 
 
@@ -322,12 +348,18 @@ def resolve_models(model: str = "light", *, vae: str | Path | None = None,
             return None
         path = Path(value)
         if not path.exists():
-            raise FileNotFoundError(f"{flag} {path} does not exist: check the path")
+            raise FileNotFoundError(f"{flag} {path} does not exist: check the path ({folder_listing(path.parent)})")
         return path
 
+    notes: list[str] = []
     if model in STAR_CHECKPOINTS:
         star = comfy and find_comfy_star(comfy, model)
         star = star or _cached_or_downloaded(STAR_CHECKPOINTS[model], cache, offline, endpoint, problems)
+        if not star and comfy is not None:
+            folder = comfy / COMFY_STAR[0]
+            notes.append(f"No '{model}' checkpoint in the ComfyUI STAR folder: {folder_listing(folder)}.")
+            notes.extend(f"'{path.name}' is in {path.parent} (the '{path.parent.name}' folder): move it to "
+                         f"{folder}." for path in find_misplaced_star(comfy, model))
     else:
         star = explicit(model, "--model")
 
@@ -346,5 +378,5 @@ def resolve_models(model: str = "light", *, vae: str | Path | None = None,
         tok_path = parts[0].parent if all(parts) else None
 
     if problems:
-        raise ModelsMissingError(_missing_message(problems, cache, comfy))
+        raise ModelsMissingError(_missing_message(problems, cache, comfy, notes))
     return ResolvedModels(star, vae_path, text_path, tok_path)

@@ -81,9 +81,25 @@ def frames_to_pixels(frames: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"frames must be a [T,H,W,3] RGB tensor in 0..1 (ComfyUI IMAGE), got {shape}")
     if not frames.is_floating_point():
         raise ValueError(f"frames must be float in 0..1, got {frames.dtype}; divide uint8 frames by 255")
+    check_finite("the input frames", frames)
     # contiguous NCHW: a channels-last view would make torch's CPU GroupNorm lose precision on flat padding
     pixels = frames.to(torch.float32).permute(0, 3, 1, 2).contiguous().clamp(0, 1)
     return (pixels - 0.5) / 0.5
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """
+    Raises ValueError when ``tensor`` holds NaN or infinite values, before they silently turn a whole run into
+    black or noise (they spread through every convolution and attention they touch).
+
+    Parameters:
+        name (`str`): what the tensor is, for the message (e.g. ``"the positive conditioning"``).
+        tensor (`torch.Tensor`): any floating-point tensor.
+    """
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name}: {bad} of {tensor.numel()} values are NaN or infinite; fix what produced them "
+                         "(e.g. a model run in fp16 that overflowed) before STAR samples")
 
 
 def pixels_to_frames(pixels: torch.Tensor) -> torch.Tensor:
@@ -355,6 +371,9 @@ def sample(
         raise ValueError("sample: pass noise=RunNoise(seed) (or one with the recorded noises injected)")
     if latent.ndim != 5 or latent.shape[0] != 1:
         raise ValueError(f"sample: latent must be [1,4,F,h,w], got {tuple(latent.shape)}")
+    for name, tensor in (("the LR latent", latent), ("the positive conditioning", positive),
+                         ("the negative conditioning", negative)):
+        check_finite(name, tensor)
     model_fn = model_function(model) if isinstance(model, torch.nn.Module) else model
     settings = SamplerSettings() if settings is None else settings
     latent = latent.to(torch.float32)
