@@ -19,6 +19,7 @@ from comfy.model_patcher import ModelPatcher
 
 from star_core import autosize, pipeline
 from star_core.host import HostContext, ProgressEvent
+from star_core.identify import check_context_width
 from star_core.options import SpecError
 from star_core.vae import SVDVideoVAE, build_vae
 
@@ -194,10 +195,9 @@ def _to_video_vae(vae) -> SVDVideoVAE:
     cached = _converted.get(vae)
     if cached is None:
         try:
-            model = build_vae(inner.state_dict(), source="the ComfyUI VAE")
+            model = build_vae(inner.state_dict(), source="vae: the connected ComfyUI VAE")
         except ValueError as exc:
-            raise ValueError(f"vae: this ComfyUI VAE is not the SVD temporal-decoder VAE STAR needs ({exc}). Load "
-                             "the SVD VAE (e.g. svd_xt_vae.safetensors) with Load VAE or STAR VAE Loader") from exc
+            raise ValueError(f"{exc}; load it with Load VAE or STAR VAE Loader") from None
         cached = _converted[vae] = SVDVideoVAE(model.to(mm.vae_offload_device()))
     return cached
 
@@ -218,8 +218,9 @@ def video_vae(vae) -> SVDVideoVAE:
     return video
 
 
-def conditioning_context(conditioning, name: str) -> torch.Tensor:
-    """The [1,77,W] text context from a CONDITIONING (first entry; prompts longer than 77 tokens are cut)."""
+def conditioning_context(conditioning, name: str, width: int | None = None) -> torch.Tensor:
+    """The [1,77,W] text context from a CONDITIONING (first entry; prompts longer than 77 tokens are cut); with
+    `width`, a context of another width (another text encoder than STAR's CLIP-H) is refused naming it."""
     try:
         context = conditioning[0][0]
     except (TypeError, IndexError, KeyError):
@@ -227,6 +228,8 @@ def conditioning_context(conditioning, name: str) -> torch.Tensor:
     if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[1] < 77:
         shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
         raise ValueError(f"{name}: conditioning tensor {shape} is not [1,77·n,width] from a CLIP text encoder")
+    if width is not None:
+        check_context_width(context, width, f"{name} conditioning")
     return context[:1, :77]
 
 

@@ -45,7 +45,7 @@ class STARModelLoader(io.ComfyNode):
         weight, compute = host.pick_dtypes(weight_dtype, device, params)
         build_dtype = compute if weight in STORAGE_ONLY else weight
         model = load_star_model(state_dict, dtype=build_dtype, compute_dtype=compute,
-                                device=host.mm.unet_offload_device(),
+                                device=host.mm.unet_offload_device(), name=f"ckpt_name '{ckpt_name}'",
                                 operations=host.operations_for(weight, compute, device))
         del state_dict
         if weight in STORAGE_ONLY:

@@ -87,11 +87,13 @@ class STARSampler(io.ComfyNode):
                                        t_max=t_max_for_denoise(denoise), chunk_len=chunk_length or AUTO,
                                        tile=(diffusion_tile, diffusion_tile) if diffusion_tile else AUTO,
                                        overlap=None if chunk_overlap < 0 else chunk_overlap, fusion=fusion)
+        width = star_model.model.config.context_dim
+        positive = host.conditioning_context(positive, "positive", width)
+        negative = host.conditioning_context(negative, "negative", width)
         model_fn = host.model_function(star_model)
         latent = lr_latent["samples"].to(star_model.load_device)
         ctx = host.context(star_model.model)
         with ctx.scope():
-            out = pipeline.sample(model_fn, latent, host.conditioning_context(positive, "positive"),
-                                  host.conditioning_context(negative, "negative"), settings, RunNoise(seed), host=ctx)
+            out = pipeline.sample(model_fn, latent, positive, negative, settings, RunNoise(seed), host=ctx)
         # the STAR keys (geometry, seed, the source for STAR Decode Video) travel on with the sampled latent
         return io.NodeOutput(host.star_keys(lr_latent) | {"samples": host.to_output(out)})

@@ -52,11 +52,13 @@ class STARUpscale(io.ComfyNode):
         with host.inputs_of("STAR Upscale"):
             spec = DEFAULTS.with_options({"output.scale": scale, "output.padding": padding, "seed": seed,
                                           "encode.tile": vae_tile or AUTO, "decode.tile": vae_tile or AUTO})
+        # a text encoder of another width than the model's context is refused before the video is encoded
+        width = star_model.model.config.context_dim
+        positive = host.conditioning_context(positive, "prompt", width)
+        negative = host.conditioning_context(negative, "negative prompt", width)
         source, audio_from = video_source(video)
         lr = host.encode_latent(vae, source, audio_from, spec)
-        components = pipeline.Components(host.model_function(star_model), vae,
-                                         host.conditioning_context(positive, "prompt"),
-                                         host.conditioning_context(negative, "negative prompt"))
+        components = pipeline.Components(host.model_function(star_model), vae, positive, negative)
         ctx = host.context(star_model.model)
         with ctx.scope():
             latent = pipeline.sample_latent(components, lr["samples"], spec, host=ctx)

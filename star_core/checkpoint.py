@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .identify import STAR_NEEDS, describe_weights
 from .model import STARConfig, STARUNet, cast_ops, config_from_state_dict
 
 log = logging.getLogger(__name__)
@@ -30,19 +32,13 @@ DELTA_BASE_PATH = "star_base_path"  # where the base was when the delta was writ
 _HASHES: dict[tuple[str, int, int], str] = {}  # (resolved path, size, mtime_ns) -> SHA-256, for this process
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
+# How a torch.save file starts: a zip archive (current format) or a pickle with protocol >= 2 (legacy format).
+ZIP_MAGIC, PICKLE_PROTOCOL = b"PK\x03\x04", b"\x80"
 # Tensors of VEnhancer's ControlNet that STAR removed; a checkpoint derived from VEnhancer may still carry them.
 VENHANCER_EXTRA_KEYS = (
     "VideoControlNet.hint_time_zero_linear.weight", "VideoControlNet.hint_time_zero_linear.bias",
     "VideoControlNet.scale_cond.0.weight", "VideoControlNet.scale_cond.0.bias",
     "VideoControlNet.scale_cond.2.weight", "VideoControlNet.scale_cond.2.bias",
-)
-# Key prefixes of other models a user may point the loader at by mistake, and what they are.
-_KNOWN_LAYOUTS = (
-    (("model.diffusion_model.",), "a Stable-Diffusion-style (ldm) checkpoint"),
-    (("down_blocks.", "up_blocks.", "mid_block."), "a diffusers UNet"),
-    (("encoder.", "decoder.", "quant_conv.", "post_quant_conv."), "a VAE"),
-    (("text_model.",), "a transformers CLIP text encoder"),
-    (("transformer.resblocks.", "token_embedding.", "visual."), "an open_clip model"),
 )
 
 
@@ -64,24 +60,30 @@ def load_state_dict_file(path: str | Path, *, base: str | Path | None = None) ->
 
     Raises:
         FileNotFoundError: the file (or a delta's base) does not exist.
-        ValueError: unreadable/truncated file, a pickle that needs arbitrary code, no state dict inside, or a
-            delta whose base has another size or SHA-256 than recorded.
+        ValueError: an empty, truncated or non-checkpoint file, a pickle that would run code (refused before
+            anything of it runs), no state dict inside, or a delta whose base has another size or SHA-256 than
+            recorded. The message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found: pass the path of light_deg.pt / heavy_deg.pt "
                                 f"(or a converted .safetensors file)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): the download or copy did not finish; fetch the "
+                         f"file again")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
         try:
             obj: object = load_file(str(path))
         except (SafetensorError, OSError) as err:
-            raise ValueError(f"cannot read {path} as safetensors (truncated or not a safetensors file): {err}") from err
+            raise ValueError(f"cannot read {path} as safetensors (truncated, corrupt header or not a safetensors "
+                             f"file): {err}") from err
         metadata = read_delta_metadata(path)
         if metadata is not None:
             return _merge_delta(path, obj, metadata, base)
     elif path.suffix in PICKLE_SUFFIXES:
+        _check_torch_file_start(path)
         obj = _torch_load(path)
     else:
         raise ValueError(f"checkpoint {path}: unsupported file type {path.suffix!r}; "
@@ -94,6 +96,34 @@ def load_state_dict_file(path: str | Path, *, base: str | Path | None = None) ->
     if not sd:
         raise ValueError(f"checkpoint {path} holds no tensors (top-level keys: {sorted(map(str, obj))[:8]})")
     return sd
+
+
+def _check_torch_file_start(path: Path) -> None:
+    """A torch.save file starts as a zip archive (current format) or a pickle (legacy format); refuse anything
+    else with what it looks like (an HTML error page saved by a failed download is a common case)."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head.startswith(ZIP_MAGIC) or head[:1] == PICKLE_PROTOCOL:
+        return
+    if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
+        what = "an HTML/XML page, e.g. an error page saved by a failed download"
+    elif all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        what = "text"
+    else:
+        what = "unknown binary data"
+    raise ValueError(f"{path} is not a torch checkpoint: it starts with {head[:12]!r} ({what}), not with a "
+                     f"torch.save zip archive or pickle; download the file again")
+
+
+def _refusal(path: Path, err: pickle.UnpicklingError) -> ValueError:
+    """The error for a pickle that weights_only=True rejected: code it would run, or just not a checkpoint."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if found:
+        return ValueError(f"refusing to load {path}: unpickling it would call {found.group(1)}, i.e. run code from "
+                          f"the file (only tensors and plain containers are accepted; nothing of it was run). "
+                          f"Use the official release file or a .safetensors copy")
+    return ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): the pickle inside is not a state dict "
+                      f"({str(err).strip().splitlines()[-1][:160]})")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -199,42 +229,38 @@ def _merge_delta(path: Path, delta: Mapping[str, torch.Tensor], metadata: Mappin
 
 
 def _torch_load(path: Path) -> object:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"refusing to load {path}: it contains objects other than tensors and plain containers, "
-                         f"which could run code when unpickled (torch.load weights_only=True rejected it: "
-                         f"{str(err).splitlines()[0]}). Use the official light_deg.pt / heavy_deg.pt or a "
-                         f".safetensors file") from err
-    except RuntimeError as err:
-        if "mmap" not in str(err):  # legacy (non-zip) torch.save format cannot be memory-mapped
+    for mmap in (True, False):  # the legacy (non-zip) torch.save format cannot be memory-mapped
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as err:
+            raise _refusal(path, err) from err
+        except RuntimeError as err:
+            if mmap and "mmap" in str(err):
+                continue
             raise ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from err
-    except (EOFError, zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from err
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"refusing to load {path}: it contains objects other than tensors (weights_only=True "
-                         f"rejected it: {str(err).splitlines()[0]})") from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {err}") from err
+        except (EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError, TypeError, IndexError,
+                AttributeError) as err:  # what torch raises on damaged data (e.g. KeyError from a text file)
+            raise ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): "
+                             f"{type(err).__name__}: {err}") from err
+    raise AssertionError("unreachable")
 
 
-def _describe(keys: list[str], expected: Mapping[str, tuple[int, ...]]) -> str:
-    """A short description of what a foreign key set looks like."""
+def _describe(keys: list[str], sd: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> str:
+    """A short description of what a foreign key set looks like (`star_core.identify`), or its key groups."""
     heads = Counter(k.split(".", 1)[0] for k in keys)
     if len(heads) == 1:
         prefix = next(iter(heads)) + "."
         if set(expected) <= {k.removeprefix(prefix) for k in keys}:
             return (f"every key carries the extra prefix {prefix!r} (a STAR checkpoint saved from a wrapper); "
                     f"remove that prefix from the keys")
-    for prefixes, what in _KNOWN_LAYOUTS:
-        if sum(k.startswith(prefixes) for k in keys) > len(keys) // 2:
-            return f"it looks like {what} (keys start with {' / '.join(prefixes)})"
+    what = describe_weights(sd)
+    if what is not None:
+        return f"it looks like {what}"
     return "its top-level key groups are " + ", ".join(f"{name!r} ({n})" for name, n in heads.most_common(4))
 
 
-def check_star_keys(sd: Mapping[str, torch.Tensor], config: STARConfig) -> dict[str, torch.Tensor]:
+def check_star_keys(sd: Mapping[str, torch.Tensor], config: STARConfig, name: str = "the state dict"
+                    ) -> dict[str, torch.Tensor]:
     """
     Compares a state dict with what `STARUNet(config)` expects (names and shapes).
 
@@ -244,20 +270,21 @@ def check_star_keys(sd: Mapping[str, torch.Tensor], config: STARConfig) -> dict[
     Parameters:
         sd (`Mapping[str, torch.Tensor]`): the checkpoint's tensors.
         config (`STARConfig`): the architecture to check against.
+        name (`str`): the file (or node input) the tensors came from, for messages.
 
     Returns:
         `dict[str, torch.Tensor]`: the tensors to load (``sd`` without the VEnhancer extras).
 
     Raises:
-        ValueError: "not a STAR I2VGen-XL checkpoint: N of M expected keys missing, e.g. …" plus what the file
-            looks like instead, or the unexpected keys / shape mismatches.
+        ValueError: "<name> is not a STAR I2VGen-XL checkpoint: it looks like <other model> (…). STAR needs …"
+            when keys are missing, else the unexpected keys or shape mismatches.
     """
     with torch.device("meta"):
         model = STARUNet(config)
-    return _checked(sd, model)
+    return _checked(sd, model, name)
 
 
-def _checked(sd: Mapping[str, torch.Tensor], model: STARUNet) -> dict[str, torch.Tensor]:
+def _checked(sd: Mapping[str, torch.Tensor], model: STARUNet, name: str) -> dict[str, torch.Tensor]:
     """`check_star_keys` against an already built model."""
     config = model.config
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -268,21 +295,26 @@ def _checked(sd: Mapping[str, torch.Tensor], model: STARUNet) -> dict[str, torch
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing:
-        raise ValueError(f"not a STAR I2VGen-XL checkpoint: {len(missing)} of {len(expected)} expected keys missing, "
-                         f"e.g. {missing[:3]}; the file has {len(sd)} keys and {_describe(list(sd), expected)}"
-                         + (f"; unexpected keys e.g. {unexpected[:3]}" if unexpected else ""))
+        detail = (f"{len(missing)} of {len(expected)} expected keys missing, e.g. {missing[:3]}"
+                  + (f"; unexpected keys e.g. {unexpected[:3]}" if unexpected else ""))
+        if any(k.startswith("VideoControlNet.") for k in sd):
+            raise ValueError(f"{name} is an incomplete or modified STAR checkpoint: {detail}. {STAR_NEEDS}")
+        raise ValueError(f"{name} is not a STAR I2VGen-XL checkpoint: {_describe(list(sd), sd, expected)} "
+                         f"({detail}). {STAR_NEEDS}")
     if unexpected:
-        raise ValueError(f"not a STAR I2VGen-XL checkpoint: {len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+        raise ValueError(f"{name} is not a STAR I2VGen-XL checkpoint: {len(unexpected)} unexpected keys, "
+                         f"e.g. {unexpected[:3]}. {STAR_NEEDS}")
     wrong = [f"{k} {tuple(sd[k].shape)} (expected {expected[k]})" for k in expected if tuple(sd[k].shape) != expected[k]]
     if wrong:
-        raise ValueError(f"not a STAR I2VGen-XL checkpoint for {config}: {len(wrong)} tensors have the wrong shape, "
-                         f"e.g. {wrong[:3]}")
+        raise ValueError(f"{name} does not match the STAR architecture {config}: {len(wrong)} tensors have the "
+                         f"wrong shape, e.g. {wrong[:3]}")
     return sd
 
 
 def load_star_model(source: str | Path | Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", operations: ModuleType | None = None,
-                    config: STARConfig | None = None, compute_dtype: torch.dtype | None = None) -> STARUNet:
+                    config: STARConfig | None = None, compute_dtype: torch.dtype | None = None,
+                    name: str | None = None) -> STARUNet:
     """
     Builds `STARUNet` on ``meta`` and materialises it straight from the checkpoint tensors (no second full copy).
 
@@ -296,17 +328,20 @@ def load_star_model(source: str | Path | Mapping[str, torch.Tensor], *, dtype: t
             not visible in shapes, so pass it for non-released configs whose head width is not the inferred one.
         compute_dtype (`torch.dtype`, *optional*): forward dtype when it differs from ``dtype`` (weights kept in
             ``dtype``); needs weight-casting ``operations`` and defaults to `star_core.model.cast_ops` then.
+        name (`str`, *optional*): what to call the source in errors (default: the path, or "the state dict").
 
     Returns:
         `STARUNet`: in eval mode, parameters without gradients.
+
+    Raises:
+        ValueError: the file is unreadable or not a STAR checkpoint; the message names it and, for another
+            model's file, says what it looks like and what STAR needs.
     """
+    if name is None:
+        name = str(source) if isinstance(source, (str, Path)) else "the state dict"
     sd = load_state_dict_file(source) if isinstance(source, (str, Path)) else dict(source)
     if config is None:
-        try:
-            config = config_from_state_dict(sd)
-        except ValueError:
-            check_star_keys(sd, STARConfig())  # raises the descriptive "N of M expected keys missing" error
-            raise
+        config = _inferred_config(sd, name)
     if dtype is None:
         dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -314,9 +349,48 @@ def load_star_model(source: str | Path | Mapping[str, torch.Tensor], *, dtype: t
     if operations is None:
         operations = cast_ops if compute_dtype not in (None, dtype) else nn
     model = STARUNet(config, operations=operations, device="meta", dtype=dtype, compute_dtype=compute_dtype)
-    sd = _checked(sd, model)
+    sd = _checked(sd, model, name)
     for key in list(sd):  # convert tensor by tensor, dropping each source reference as we go
         sd[key] = sd[key].to(device=device, dtype=dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     del sd
     return model.eval().requires_grad_(False)
+
+
+def _inferred_config(sd: Mapping[str, torch.Tensor], name: str) -> STARConfig:
+    """`config_from_state_dict`, with another model's file reported as what it looks like."""
+    try:
+        return config_from_state_dict(sd)
+    except ValueError:
+        check_star_keys(sd, STARConfig(), name)  # raises the descriptive "it looks like …" error
+        raise
+
+
+def check_star_checkpoint(path: str | Path) -> STARConfig:
+    """
+    Checks a STAR checkpoint file from its key names and shapes only (a ``.safetensors`` header or a
+    memory-mapped ``.pt``), so a run can refuse a wrong file before spending time on anything else.
+
+    Parameters:
+        path (`str` or `Path`): the checkpoint.
+
+    Returns:
+        `STARConfig`: the architecture inferred from the shapes.
+
+    Raises:
+        FileNotFoundError, ValueError: as `load_star_model` would, naming the file.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file() and path.stat().st_size > 0:
+        from safetensors import SafetensorError, safe_open
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                sd = {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"cannot read {path} as safetensors (truncated, corrupt header or not a safetensors "
+                             f"file): {err}") from err
+    else:
+        sd = load_state_dict_file(path)
+    config = _inferred_config(sd, str(path))
+    check_star_keys(sd, config, str(path))
+    return config

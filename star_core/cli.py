@@ -28,7 +28,9 @@ import torch
 from tqdm import tqdm
 
 from . import autosize, pipeline
+from .checkpoint import check_star_checkpoint
 from .distributed import DEFAULT_TIMEOUT_S, Distributed, DistributedError, plan_batch
+from .identify import check_context_width
 from .download import ModelsMissingError, ResolvedModels, resolve_models
 from .host import HostContext, ProgressEvent
 from .memory import NoPlanFits, free_cached_memory, is_out_of_memory
@@ -405,9 +407,11 @@ def load_components(args: argparse.Namespace, spec: RunSpec, device: torch.devic
     """Every model of the batch, loaded once: the text contexts (the text encoder is freed after), the VAE, the UNet."""
     models = resolve_models(args.model, vae=args.vae, text_encoder=args.text_encoder, tokenizer=args.tokenizer,
                             comfy_models=args.comfy_models, cache_dir=args.cache_dir, offline=args.offline)
+    star_config = check_star_checkpoint(models.star)  # a wrong --model fails here, before any other model loads
     text_encoder = load_text_encoder(models, device)
     positive, negative = pipeline.encode_prompts(text_encoder, spec.prompt.prompt, suffix=spec.prompt.suffix,
                                                  negative_prompt=spec.prompt.negative_prompt)
+    check_context_width(positive, star_config.context_dim, f"the context of --text-encoder {models.text_encoder}")
     del text_encoder
     gc.collect()
     vae = load_vae(models, device)

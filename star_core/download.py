@@ -1,21 +1,27 @@
 """Find the model files a STAR run needs: explicit paths, a ComfyUI models folder, a cache, or a download.
 
-Every component is resolved in that order. Downloads go through huggingface_hub into
-``<cache>/<repo_id>/<path in repo>`` (resumable: an interrupted transfer continues from its ``.incomplete`` part,
-and the final name only appears once the file is complete), then are checked against the pinned size/SHA-256
-when known here, else against the size and LFS SHA-256 the hub reports. When anything is missing (offline, no
-network, gated repo), one `ModelsMissingError` lists every missing file, its expected size and where to put it.
+Every component is resolved in that order. Downloads go through huggingface_hub into a staging folder
+``<cache>/.staging/<repo_id>/`` (a dropped connection is resumed with a range request within the run), are checked
+against the pinned size/SHA-256 when known here, else against the size and LFS SHA-256 the hub reports, and only
+then moved to ``<cache>/<repo_id>/<path in repo>``: a file at its final name is always complete and verified, so a
+run that was interrupted, ran out of disk or was killed during the hash never leaves a file a later run would
+trust. Free space is checked before a transfer starts. When anything is missing (offline, no network, gated
+repo, full disk, read-only cache), one `ModelsMissingError` lists every missing file, its expected size, where to
+put it and why it is missing.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
 
 HF_SITE = "https://huggingface.co"
+STAGING = ".staging"  # under the cache: downloads in progress or not yet verified
 
 
 @dataclass(frozen=True)
@@ -223,9 +229,16 @@ def verify_file(path: Path, size: int | None, sha256: str | None) -> None:
         raise ValueError(f"{path} does not have the expected SHA-256 {sha256}: the file is corrupt or a different file")
 
 
+def _free_bytes(folder: Path) -> int:
+    """Free space on the disk that holds ``folder`` (or its nearest existing parent)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
 def download_file(spec: ModelFile, cache_dir: Path, *, endpoint: str | None = None,
                   token: str | bool | None = None) -> Path:
-    """Download ``spec`` into ``cache_dir`` (resuming a partial transfer) and verify it.
+    """Download ``spec`` into ``cache_dir`` (resuming a dropped connection), verify it, then give it its name.
 
     Parameters:
         spec: the file.
@@ -234,19 +247,25 @@ def download_file(spec: ModelFile, cache_dir: Path, *, endpoint: str | None = No
         token: Hugging Face token for gated repositories (default: the logged-in token / ``$HF_TOKEN``).
 
     Returns:
-        The verified local path. A file that fails verification is deleted and ValueError is raised.
+        The verified local path, ``spec.cache_path(cache_dir)``. A file that fails verification is deleted and
+        ValueError is raised; OSError (full disk, read-only cache) propagates with no file at the final name.
     """
     from huggingface_hub import hf_hub_download
 
     size, sha256 = _hub_expectation(spec, endpoint, token)
-    local = Path(hf_hub_download(spec.repo_id, spec.filename, local_dir=cache_dir / spec.repo_id,
-                                 endpoint=endpoint, token=token))
+    staging = cache_dir / STAGING / spec.repo_id
+    if size is not None and _free_bytes(cache_dir) < size:
+        raise OSError(errno.ENOSPC, f"{size:,} bytes needed but only {_free_bytes(cache_dir):,} free", str(cache_dir))
+    staged = Path(hf_hub_download(spec.repo_id, spec.filename, local_dir=staging, endpoint=endpoint, token=token))
     try:
-        verify_file(local, size, sha256)
+        verify_file(staged, size, sha256)
     except ValueError:
-        local.unlink(missing_ok=True)
+        staged.unlink(missing_ok=True)
         raise
-    return local
+    final = spec.cache_path(cache_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staged, final)
+    return final
 
 
 def _cached_or_downloaded(spec: ModelFile, cache_dir: Path, offline: bool, endpoint: str | None,
@@ -260,15 +279,21 @@ def _cached_or_downloaded(spec: ModelFile, cache_dir: Path, offline: bool, endpo
             problems.append((spec, "offline (HF_HUB_OFFLINE=1 or --offline), so nothing was downloaded"))
             return None
         return download_file(spec, cache_dir, endpoint=endpoint)
-    except Exception as exc:  # network down, gated repository, failed verification: reported together below
-        problems.append((spec, _short_reason(exc)))
+    except Exception as exc:  # network down, gated repository, full disk, failed verification: reported together
+        problems.append((spec, _short_reason(exc, spec, cache_dir)))
         return None
 
 
-def _short_reason(exc: Exception) -> str:
+def _short_reason(exc: Exception, spec: ModelFile, cache_dir: Path) -> str:
     name = type(exc).__name__
     if name == "GatedRepoError":
         return _GATED
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return (f"the disk holding {cache_dir} is full ({exc.strerror}); free {spec.size_text()} there, or pass "
+                f"--cache-dir (or set STAR_VSR_CACHE) to a folder on a larger disk")
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (f"cannot write in the cache folder {cache_dir} ({exc.strerror}: {exc.filename}); pass "
+                f"--cache-dir (or set STAR_VSR_CACHE) to a writable folder, or put the file there yourself")
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{name}: {first_line[:160]}" if first_line else name
 

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
+import struct
+import zipfile
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from star_core.checkpoint import VENHANCER_EXTRA_KEYS, check_star_keys, load_star_model, load_state_dict_file
+from star_core.checkpoint import (
+    VENHANCER_EXTRA_KEYS, check_star_checkpoint, check_star_keys, load_star_model, load_state_dict_file,
+)
 from star_core.convert import main as convert_main
 from star_core.model import config_from_state_dict
 
@@ -72,25 +77,27 @@ def test_venhancer_extras_dropped(tmp_path, tiny_sd, caplog):
 
 
 def test_wrong_model_is_described(fixtures_dir):
-    with pytest.raises(ValueError, match=r"not a STAR I2VGen-XL checkpoint: 2247 of 2247 expected keys missing, "
-                                         r"e\.g\. .*it looks like a VAE"):
+    with pytest.raises(ValueError, match=r"vae_tiny\.safetensors is not a STAR I2VGen-XL checkpoint: it looks like "
+                                         r"the SVD temporal-decoder VAE \(diffusers layout\) \(2247 of 2247 expected "
+                                         r"keys missing, e\.g\. .*STAR needs its own checkpoint, light_deg\.pt"):
         load_star_model(fixtures_dir / "vae_tiny.safetensors")
 
 
 def test_missing_and_unexpected_keys(tiny_sd):
     config = config_from_state_dict(tiny_sd)
     sd = {k: v for k, v in tiny_sd.items() if "local2" not in k}
-    with pytest.raises(ValueError, match=r"not a STAR I2VGen-XL checkpoint: 12 of 1086 expected keys missing, "
+    with pytest.raises(ValueError, match=r"the state dict is an incomplete or modified STAR checkpoint: "
+                                         r"12 of 1086 expected keys missing, "
                                          r"e\.g\. \['input_blocks\.0\.1\.transformer_blocks\.0\.local2"):
         check_star_keys(sd, config)
     prefixed = {f"module.{k}": v for k, v in tiny_sd.items()}
-    with pytest.raises(ValueError, match=r"1086 of 1086 expected keys missing.*every key carries the extra prefix "
-                                         r"'module\.' \(a STAR checkpoint saved from a wrapper\)"):
+    with pytest.raises(ValueError, match=r"every key carries the extra prefix 'module\.' \(a STAR checkpoint saved "
+                                         r"from a wrapper\); remove that prefix from the keys \(1086 of 1086 expected"):
         check_star_keys(prefixed, config)
     with pytest.raises(ValueError, match=r"1 unexpected keys, e\.g\. \['module\.extra'\]"):
         check_star_keys({**tiny_sd, "module.extra": torch.zeros(1)}, config)
     bad = {**tiny_sd, "out.2.bias": torch.zeros(5)}
-    with pytest.raises(ValueError, match=r"out\.2\.bias \(5,\) \(expected \(4,\)\)"):
+    with pytest.raises(ValueError, match=r"does not match the STAR architecture .*out\.2\.bias \(5,\) \(expected \(4,\)\)"):
         check_star_keys(bad, config)
 
 
@@ -106,6 +113,41 @@ def test_truncated_files(tmp_path, fixtures_dir, tiny_sd):
     cut_st.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ValueError, match=r"cannot read .*cut\.safetensors as safetensors \(truncated"):
         load_star_model(cut_st)
+
+
+def _safetensors_header(header: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header)) + header + data
+
+
+BROKEN_FILES = {
+    "empty.pt": (b"", r"is empty \(0 bytes\): the download or copy did not finish"),
+    "empty.safetensors": (b"", r"is empty \(0 bytes\)"),
+    "error_page.pt": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>",
+                      r"is not a torch checkpoint: it starts with b'<!DOCTYPE ht' \(an HTML/XML page"),
+    "notes.ckpt": (b"these are not weights\n" * 4, r"is not a torch checkpoint: .*\(text\)"),
+    "noise.pth": (bytes(range(7, 250)) * 8, r"is not a torch checkpoint: .*\(unknown binary data\)"),
+    "not_torch.pt": (None, r"cannot read checkpoint .* \(truncated or corrupt\?\)"),
+    "bad_json.safetensors": (_safetensors_header(b'{"w": {"dtype": "F32", "shape": [2]'),
+                             r"as safetensors \(truncated, corrupt header .*invalid JSON"),
+    "huge_header.safetensors": (struct.pack("<Q", 10**12) + b"{}", r"as safetensors .*header too large"),
+    "short_data.safetensors": (_safetensors_header(b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}',
+                                                   b"\0" * 8), r"as safetensors .*not fully covered"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_FILES))
+def test_broken_files_name_the_file_and_load_nothing(tmp_path, name):
+    content, message = BROKEN_FILES[name]
+    path = tmp_path / name
+    if content is None:  # a zip archive that is not a torch.save archive
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("readme.txt", "hello")
+    else:
+        path.write_bytes(content)
+    for load in (load_star_model, check_star_checkpoint, load_state_dict_file):
+        with pytest.raises(ValueError, match=message) as info:
+            load(path)
+        assert str(path) in str(info.value)
 
 
 class _Payload:
@@ -127,7 +169,20 @@ def test_malicious_pickle_refused(tmp_path, tiny_sd, writer):
         torch.save(obj, path)
     else:
         path.write_bytes(pickle.dumps(obj, protocol=2))
-    with pytest.raises(ValueError, match=r"refusing to load .*evil\.pt"):
+    with pytest.raises(ValueError, match=r"refusing to load .*evil\.pt: unpickling it would call [\w.]+, "
+                                         r"i\.e\. run code from the file .*nothing of it was run"):
+        load_star_model(path)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"refusing to load"):  # the node and converter read files the same way
+        load_state_dict_file(path)
+    assert not marker.exists()
+
+
+def test_protocol_0_pickle_is_refused_unrun(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "old.pt"
+    path.write_bytes(pickle.dumps(_Payload(marker), protocol=0))
+    with pytest.raises(ValueError, match=r"old\.pt is not a torch checkpoint"):
         load_star_model(path)
     assert not marker.exists()
 
@@ -169,3 +224,27 @@ def test_convert_errors(tmp_path, fixtures_dir, capsys):
     save_file({"x": torch.zeros(1)}, str(src))
     assert convert_main([str(src), str(tmp_path / "o.pt")]) == 2
     assert "must end in .safetensors" in capsys.readouterr().err
+
+
+# Relative max|Δ| of the tiny forward against the official fp32 output, measured 2.4e-3 / 1.2e-3 (fp16 stored,
+# computed in fp16 / fp32) and 2.3e-2 / 1.1e-2 (bf16); the bounds leave about 2x headroom.
+HALF_TOLERANCES = {(torch.float16, None): 1e-2, (torch.float16, torch.float32): 5e-3,
+                   (torch.bfloat16, None): 5e-2, (torch.bfloat16, torch.float32): 3e-2}
+
+
+@pytest.mark.parametrize("stored, dtype", sorted(HALF_TOLERANCES, key=str))
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_half_stored_checkpoints_load_and_match_fp32(tmp_path, fixtures_dir, tiny_sd, stored, dtype, suffix):
+    from star_core.verify.forward import fixture_config
+
+    path = tmp_path / f"half{suffix}"
+    half = {k: v.to(stored) for k, v in tiny_sd.items()}
+    save_file(half, str(path)) if suffix == ".safetensors" else torch.save(half, path)
+    model = load_star_model(path, dtype=dtype, config=fixture_config(fixtures_dir, tiny_sd))
+    assert model.dtype == (dtype or stored)
+    data = load_file(str(fixtures_dir / "tiny_forward.safetensors"))
+    with torch.inference_mode():
+        out = model(data["x_t"], data["t"], data["y"], data["hint"]).float()
+    assert torch.isfinite(out).all()
+    rel = ((out - data["out"]).abs().max() / data["out"].abs().max()).item()
+    assert rel <= HALF_TOLERANCES[(stored, dtype)], rel

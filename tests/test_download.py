@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -196,3 +198,147 @@ def test_explicit_paths_must_exist(tmp_path: Path) -> None:
         resolve_models(str(tmp_path / "nope.pt"), offline=True, cache_dir=tmp_path)
     with pytest.raises(FileNotFoundError, match="--comfy-models"):
         resolve_models("light", comfy_models=tmp_path / "nothing", cache_dir=tmp_path)
+
+
+# --- faults: full disk, read-only cache, interruption (issue #11, row 21) ------------------------------------------
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def _final_files(root: Path) -> list[Path]:
+    """Files at a final cache name (outside the staging folder and huggingface_hub's own bookkeeping)."""
+    return [p for p in _files(root) if download.STAGING not in p.parts and ".cache" not in p.parts]
+
+
+def _cut_transfer(monkeypatch, exc: BaseException) -> list[int]:
+    """Make every transfer write half of the file, then fail with ``exc`` (as a full disk or Ctrl-C would)."""
+    import huggingface_hub.file_download as fd
+
+    real = fd.http_get
+    written: list[int] = []
+
+    def failing_http_get(url, temp_file, **kwargs):
+        class HalfThenFail:
+            def __init__(self, inner, limit):
+                self.inner, self.limit, self.count = inner, limit, 0
+
+            def write(self, chunk):
+                if self.count + len(chunk) > self.limit:
+                    written.append(self.count)
+                    raise exc
+                self.count += len(chunk)
+                return self.inner.write(chunk)
+
+            def __getattr__(self, name):
+                return getattr(self.inner, name)
+
+        return real(url, HalfThenFail(temp_file, (kwargs.get("expected_size") or 2) // 2), **kwargs)
+
+    monkeypatch.setattr(fd, "http_get", failing_http_get)
+    return written
+
+
+def test_disk_full_during_download_is_reported_and_leaves_no_file(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 4096)
+    written = _cut_transfer(monkeypatch, OSError(28, "No space left on device"))
+    with pytest.raises(ModelsMissingError) as info:
+        resolve_models("light", cache_dir=tmp_path, endpoint=hub.endpoint)
+    text = str(info.value)
+    assert written and text.count(f"the disk holding {tmp_path} is full (No space left on device)") == 6
+    assert "pass --cache-dir (or set STAR_VSR_CACHE) to a folder on a larger disk" in text
+    assert _final_files(tmp_path) == [] and not [p for p in _files(tmp_path) if p.suffix == ".incomplete"]
+    monkeypatch.undo()  # space freed: the next run downloads and verifies everything
+    models = resolve_models("light", cache_dir=tmp_path, endpoint=hub.endpoint)
+    spec = download.STAR_CHECKPOINTS["light"]
+    assert models.star.read_bytes() == hub.files[f"{spec.repo_id}:{spec.filename}"]
+
+
+def test_too_little_free_space_is_refused_before_downloading(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: SimpleNamespace(free=1000, total=10**9, used=0))
+    with pytest.raises(ModelsMissingError, match=r"is full \(.*bytes needed but only 1,000 free"):
+        resolve_models("light", cache_dir=tmp_path, endpoint=hub.endpoint)
+    assert not [r for r in hub.requests if r[0] == "GET"] and _files(tmp_path) == []
+
+
+@pytest.fixture()
+def read_only(monkeypatch):
+    """Makes a folder read-only: chmod, and (as root, where chmod does not stop writes) refusing the writes."""
+    import builtins
+    import io
+
+    def apply(folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        if os.geteuid() != 0:
+            return
+        inside = lambda path: str(Path(path).absolute()).startswith(str(folder))  # noqa: E731
+        denied = lambda path: PermissionError(13, "Permission denied", str(path))  # noqa: E731
+
+        def guard(real, is_write):
+            def wrapper(path, *args, **kwargs):
+                if isinstance(path, (str, os.PathLike)) and inside(path) and is_write(args, kwargs):
+                    raise denied(path)
+                return real(path, *args, **kwargs)
+            return wrapper
+
+        writes_mode = lambda args, kw: any(c in (args[0] if args else kw.get("mode", "r")) for c in "wax+")  # noqa: E731
+        writes_flags = lambda args, kw: bool((args[0] if args else kw.get("flags", 0)) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))  # noqa: E731
+        monkeypatch.setattr(builtins, "open", guard(builtins.open, writes_mode))
+        monkeypatch.setattr(io, "open", guard(io.open, writes_mode))
+        monkeypatch.setattr(os, "open", guard(os.open, writes_flags))
+        monkeypatch.setattr(os, "mkdir", guard(os.mkdir, lambda args, kw: True))
+
+    yield apply
+
+
+def test_read_only_cache_is_reported_and_nothing_is_written(hub: FakeHub, tmp_path: Path, read_only) -> None:
+    cache = tmp_path / "cache"
+    read_only(cache)
+    try:
+        with pytest.raises(ModelsMissingError) as info:
+            resolve_models("light", cache_dir=cache, endpoint=hub.endpoint)
+    finally:
+        cache.chmod(0o755)
+    text = str(info.value)
+    assert text.count(f"cannot write in the cache folder {cache} (Permission denied") == 6, text
+    assert "pass --cache-dir (or set STAR_VSR_CACHE) to a writable folder" in text
+    assert _files(cache) == []
+
+
+def test_interrupted_download_leaves_nothing_a_later_run_trusts(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 4096)
+    spec = download.STAR_CHECKPOINTS["light"]
+    _cut_transfer(monkeypatch, KeyboardInterrupt())  # Ctrl-C halfway through the transfer
+    with pytest.raises(KeyboardInterrupt):
+        download.download_file(spec, tmp_path, endpoint=hub.endpoint)
+    assert _final_files(tmp_path) == []
+    monkeypatch.undo()
+    with pytest.raises(ModelsMissingError, match="light_deg.pt"):  # offline, the half file is not taken for a model
+        resolve_models("light", cache_dir=tmp_path, offline=True)
+    assert download.download_file(spec, tmp_path, endpoint=hub.endpoint).read_bytes() == \
+        hub.files[f"{spec.repo_id}:{spec.filename}"]
+
+
+def test_killed_during_verification_leaves_no_trusted_file(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    spec = download.STAR_CHECKPOINTS["light"]
+    real = download.sha256_of
+
+    def killed(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download, "sha256_of", killed)  # the multi-GB hash takes a while: Ctrl-C lands there
+    with pytest.raises(KeyboardInterrupt):
+        download.download_file(spec, tmp_path, endpoint=hub.endpoint)
+    assert not spec.cache_path(tmp_path).exists()
+    with pytest.raises(ModelsMissingError):
+        resolve_models("light", cache_dir=tmp_path, offline=True)
+    monkeypatch.setattr(download, "sha256_of", real)
+    hub.requests.clear()
+    path = download.download_file(spec, tmp_path, endpoint=hub.endpoint)  # verifies the complete staged file
+    assert path == spec.cache_path(tmp_path) and path.read_bytes() == hub.files[f"{spec.repo_id}:{spec.filename}"]
+    assert not [r for r in hub.requests if r[0] == "GET"]  # nothing downloaded twice

@@ -135,6 +135,9 @@ def test_bad_inputs_are_named(tiny_model, forward_data):
     with pytest.raises(ValueError, match=r"x must be a latent \[B,4,F,H,W\]"):
         tiny_model(d["x_t"][0], d["t"], d["y"], None)
     with pytest.raises(ValueError, match="context must be"):
+        tiny_model(d["x_t"], d["t"], d["y"][0], None)
+    with pytest.raises(ValueError, match="text context is 64 wide, from a 64-wide text encoder, but this STAR model "
+                                         "reads 1024-wide text context"):
         tiny_model(d["x_t"], d["t"], d["y"][:, :, :64], None)
     with pytest.raises(ValueError, match="hint must have the latent's shape"):
         tiny_model(d["x_t"], d["t"], d["y"], d["hint"][:, :, :2])
@@ -188,7 +191,7 @@ def test_config_inference_tiny(fixtures_dir):
 
 
 @pytest.mark.parametrize("config", [
-    STARConfig(dim=64, dim_mult=(1, 2), num_heads=2, head_dim=32, num_res_blocks=2, attn_scales=(0.5,)),
+    STARConfig(dim=64, dim_mult=(1, 4), num_heads=2, head_dim=32, num_res_blocks=2, attn_scales=(0.5,)),
     STARConfig(dim=32, dim_mult=(1, 1, 2, 4), num_heads=2, head_dim=16, num_res_blocks=1, attn_scales=(1.0, 0.25)),
     STARConfig(in_dim=8, out_dim=4, context_dim=256, dim=128, dim_mult=(1, 2, 4), num_heads=4, head_dim=64,
                num_res_blocks=3, attn_scales=(1.0, 0.5, 0.25)),
@@ -219,3 +222,9 @@ def test_config_inference_full_and_manifest(fixtures_dir):
 def test_config_rejects_bad_widths():
     with pytest.raises(ValueError, match="not a multiple of 32"):
         STARConfig(dim=48)
+    with pytest.raises(ValueError, match=r"dim_mult must end in 4, got \(1, 2\) \(the official ControlNet"):
+        STARConfig(dim=32, dim_mult=(1, 2))
+    with pytest.raises(ValueError, match="head_dim 24 does not divide the attention width 32"):
+        STARConfig(dim=32, dim_mult=(1, 4), num_heads=1, head_dim=24, attn_scales=(1.0,))
+    # the first temporal transformer's inner width (num_heads * head_dim) is not group-normalised: 3 x 8 = 24 is fine
+    assert STARConfig(dim=32, dim_mult=(1, 2, 4), num_heads=3, head_dim=8).num_heads == 3

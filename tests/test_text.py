@@ -306,7 +306,8 @@ def test_missing_and_foreign_weights_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="text encoder .*nowhere.safetensors not found"):
         load_text_encoder(tmp_path / "nowhere.safetensors")
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 4)}, str(tmp_path / "unet.safetensors"))
-    with pytest.raises(ValueError, match="no CLIP text tower in these weights"):
+    with pytest.raises(ValueError, match=r"unet\.safetensors holds no CLIP text tower: it looks like a "
+                                         r"Stable-Diffusion-style checkpoint \(UNet, ldm layout\)"):
         load_text_encoder(tmp_path / "unet.safetensors")
     (tmp_path / "empty_folder").mkdir()
     with pytest.raises(FileNotFoundError, match="no text encoder weights in"):

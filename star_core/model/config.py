@@ -1,13 +1,16 @@
 """Architecture settings of the STAR I2VGen-XL UNet + VideoControlNet, and their inference from a state dict."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
-GROUPS = 32  # every GroupNorm in the network uses 32 groups, so every width must be a multiple of 32
+GROUPS = 32  # every GroupNorm in the network uses 32 groups, so every block width must be a multiple of 32
+# The official ControlNet's middle_block_out reads embed_dim = 4·dim channels, so the deepest level is 4·dim wide.
+LAST_MULT = 4
 
 
 @dataclass(frozen=True)
@@ -22,8 +25,9 @@ class STARConfig:
         out_dim (`int`): channels of the prediction.
         dim_mult (`tuple[int, ...]`): width multiplier of each level (one level per entry).
         num_heads (`int`): heads of the first temporal transformer (``input_blocks.0.1``), whose inner width is
-            ``num_heads * head_dim``.
-        head_dim (`int`): width of one attention head everywhere; other transformers use ``width // head_dim`` heads.
+            ``num_heads * head_dim`` (any width: it is not group-normalised).
+        head_dim (`int`): width of one attention head everywhere; other transformers use ``width // head_dim`` heads,
+            so it must divide the width of every attention level and of the middle block.
         num_res_blocks (`int`): ResBlocks per encoder level (the decoder has one more per level).
         attn_scales (`tuple[float, ...]`): resolution scales (1, 1/2, 1/4, ...) whose blocks carry a spatial and a
             temporal transformer. The middle block always has both.
@@ -44,15 +48,19 @@ class STARConfig:
         object.__setattr__(self, "attn_scales", tuple(float(s) for s in self.attn_scales))
         if not self.dim_mult or min(self.dim_mult) < 1:
             raise ValueError(f"STARConfig.dim_mult must be a non-empty tuple of positive ints, got {self.dim_mult}")
-        if self.num_res_blocks < 1:
-            raise ValueError(f"STARConfig.num_res_blocks must be >= 1, got {self.num_res_blocks}")
-        for width in {self.dim * m for m in self.dim_mult} | {self.num_heads * self.head_dim}:
-            if width % GROUPS:
-                raise ValueError(f"STARConfig: width {width} is not a multiple of {GROUPS} (GroupNorm groups); "
-                                 f"choose dim / num_heads * head_dim accordingly")
-        for width in {self.dim * m for m in self.dim_mult}:
+        if self.num_res_blocks < 1 or self.num_heads < 1 or self.head_dim < 1:
+            raise ValueError(f"STARConfig: num_res_blocks, num_heads and head_dim must be >= 1, got "
+                             f"{self.num_res_blocks}, {self.num_heads}, {self.head_dim}")
+        if self.dim % GROUPS:
+            raise ValueError(f"STARConfig: dim {self.dim} is not a multiple of {GROUPS} (every block width is "
+                             f"group-normalised with {GROUPS} groups)")
+        if self.dim_mult[-1] != LAST_MULT:
+            raise ValueError(f"STARConfig: dim_mult must end in {LAST_MULT}, got {self.dim_mult} (the official "
+                             f"ControlNet's middle_block_out reads {LAST_MULT}·dim channels)")
+        for width in self.attention_widths:
             if width % self.head_dim:
-                raise ValueError(f"STARConfig: width {width} is not a multiple of head_dim={self.head_dim}")
+                raise ValueError(f"STARConfig: head_dim {self.head_dim} does not divide the attention width {width} "
+                                 f"(the official spatial transformer needs width // head_dim · head_dim == width)")
 
     @property
     def embed_dim(self) -> int:
@@ -62,6 +70,12 @@ class STARConfig:
     def level_has_attention(self, level: int) -> bool:
         """Whether the blocks at resolution level ``level`` (0 = full resolution) carry transformers."""
         return 0.5**level in self.attn_scales
+
+    @property
+    def attention_widths(self) -> set[int]:
+        """Widths of the levels with transformers, and of the middle block (which always has them)."""
+        return {self.dim * m for level, m in enumerate(self.dim_mult) if self.level_has_attention(level)} | {
+            self.dim * self.dim_mult[-1]}
 
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
@@ -122,7 +136,8 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> STARConfig:
 
     # The middle block always has a spatial transformer; its cross-attention keys give the context width.
     context_dim = _shape(sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight")[1]
-    head_dim = _infer_head_dim(first_inner, *(dim * m for m in dim_mult))
+    attention_widths = [dim * m for lvl, m in enumerate(dim_mult) if 0.5**lvl in attn_scales] + [dim * dim_mult[-1]]
+    head_dim = _infer_head_dim(first_inner, *attention_widths)
     return STARConfig(in_dim=in_dim, dim=dim, context_dim=context_dim, out_dim=out_dim, dim_mult=tuple(dim_mult),
                       num_heads=first_inner // head_dim, head_dim=head_dim, num_res_blocks=num_res_blocks,
                       attn_scales=attn_scales)
@@ -132,10 +147,12 @@ def _infer_head_dim(first_inner: int, *widths: int) -> int:
     """
     The head width is not stored in any shape (q/k/v projections are square in the head split), so it is taken as
     the released 64 when every width allows it, else the widest power of two dividing all of them that keeps the
-    first temporal transformer at two or more heads — the construction rule of the fixture configs.
+    first temporal transformer at two or more heads (the construction rule of the fixture configs), else the
+    first transformer's whole width as one head. Any choice loads and runs; only the right split reproduces the
+    original attention, so give the config when it is known (e.g. a fixture's ``tiny_config.json``).
     """
-    candidates = [64] + [2**p for p in range(12, 2, -1)]
+    candidates = [64] + [2**p for p in range(12, -1, -1)]
     for head_dim in candidates:
         if all(w % head_dim == 0 for w in (first_inner, *widths)) and first_inner // head_dim >= 2:
             return head_dim
-    raise ValueError(f"cannot infer the attention head width from widths {(first_inner, *widths)}")
+    return math.gcd(first_inner, *widths)

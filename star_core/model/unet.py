@@ -6,6 +6,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from ..identify import check_context_width
 from .config import GROUPS, STARConfig
 from .controlnet import VideoControlNet
 from .embedding import build_time_embed
@@ -106,9 +107,10 @@ class STARUNet(nn.Module):
         b = x.shape[0]
         if hint is not None and hint.shape != x.shape:
             raise ValueError(f"hint must have the latent's shape {tuple(x.shape)}, got {tuple(hint.shape)}")
-        if context.ndim != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
+        if context.ndim != 3 or context.shape[0] != b:
             raise ValueError(f"context must be [B={b}, L, {cfg.context_dim}] (one text row per batch element), "
                              f"got {tuple(context.shape)}")
+        check_context_width(context, cfg.context_dim)
         t = torch.as_tensor(t, device=x.device).reshape(-1)
         if t.numel() == 1:
             t = t.expand(b)

@@ -215,7 +215,7 @@ def load_text_encoder(
     if hidden_act is not None:
         options["hidden_act"] = hidden_act
     raw = read_tensors(path, keep=lambda k: "visual." not in k and "vision_model." not in k)
-    text_sd, spec = canonical_text_state_dict(raw, heads=options.get("heads"))
+    text_sd, spec = canonical_text_state_dict(raw, heads=options.get("heads"), name=str(path))
     del raw
     model = build_text_model(
         text_sd, spec, run_layers if run_layers is not None else default_run_layers(spec),

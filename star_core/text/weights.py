@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..checkpoint import load_state_dict_file
+from ..identify import TEXT_NEEDS, describe_weights
 
 HF_TOKEN_KEY = "embeddings.token_embedding.weight"
 OPENCLIP_TOKEN_KEY = "token_embedding.weight"
@@ -58,17 +59,20 @@ def read_tensors(path: Path, keep: Callable[[str], bool] = lambda key: True) -> 
         raise ValueError(f"cannot read {path} as safetensors (truncated or not a safetensors file): {err}") from err
 
 
-def _tower_prefix(keys: list[str]) -> tuple[str, str]:
-    """(layout, key prefix) of the text tower among ``keys`` (a checkpoint may hold other models too)."""
+def _tower_prefix(sd: dict[str, torch.Tensor], name: str) -> tuple[str, str]:
+    """(layout, key prefix) of the text tower in ``sd`` (a checkpoint may hold other models too)."""
+    keys = list(sd)
     for key in keys:
         if key.endswith(HF_TOKEN_KEY):
             return "hf", key[: -len(HF_TOKEN_KEY)]
     for key in keys:
         if key.endswith(OPENCLIP_TOKEN_KEY) and key[: -len(OPENCLIP_TOKEN_KEY)] + "positional_embedding" in keys:
             return "open_clip", key[: -len(OPENCLIP_TOKEN_KEY)]
-    raise ValueError("no CLIP text tower in these weights: expected open_clip keys (token_embedding.weight, "
-                     "positional_embedding, transformer.resblocks.*) or Hugging Face CLIPTextModel keys "
-                     "(text_model.embeddings.token_embedding.weight, …)")
+    what = describe_weights(sd)
+    looks = f"it looks like {what}" if what else f"its first keys are {sorted(keys)[:4]}"
+    raise ValueError(f"{name} holds no CLIP text tower: {looks} (expected open_clip keys token_embedding.weight, "
+                     f"positional_embedding, transformer.resblocks.* or Hugging Face CLIPTextModel keys "
+                     f"text_model.embeddings.token_embedding.weight, …). {TEXT_NEEDS}")
 
 
 def _openclip_to_hf(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -109,7 +113,7 @@ def _count_layers(sd: dict[str, torch.Tensor]) -> int:
 
 
 def canonical_text_state_dict(
-    sd: dict[str, torch.Tensor], heads: int | None = None
+    sd: dict[str, torch.Tensor], heads: int | None = None, name: str = "these weights"
 ) -> tuple[dict[str, torch.Tensor], TextTowerSpec]:
     """Canonical text-tower state dict and its spec from an open_clip or Hugging Face layout state dict.
 
@@ -117,8 +121,9 @@ def canonical_text_state_dict(
         sd (`dict[str, torch.Tensor]`): weights in either layout, possibly with a prefix and unrelated keys
             (`visual.*`, `vision_model.*`, `text_projection`, `logit_scale` are ignored).
         heads (`int`, *optional*): attention heads; by default `width / 64` (ViT-H: 1024 / 64 = 16).
+        name (`str`): the file the weights came from, for messages.
     """
-    layout, prefix = _tower_prefix(list(sd))
+    layout, prefix = _tower_prefix(sd, name)
     if layout == "open_clip":
         text = _openclip_to_hf(sd, prefix)
     else:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLTemporalDecoder
-from safetensors.torch import load_file
 
+from ..checkpoint import load_state_dict_file
+from ..identify import VAE_NEEDS, describe_weights
 from .base import OFFICIAL_WINDOW, ProgressCallback, SpatialTiling
 from .convert_svd import DIFFUSERS_MARKER, SVD_MARKER, infer_config, strip_checkpoint_prefix, svd_to_diffusers
 from .exact import Program, Tick, TileGrid, decoder_program, encoder_program, progress_ticker, run_exact
@@ -199,22 +200,6 @@ class SVDVideoVAE:
                               tiling=tiling, callback=callback)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Loads tensors without executing code: safetensors, or torch.load(weights_only=True)."""
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # a pickle with code objects, or not a torch file at all
-        raise ValueError(f"could not read {path} as weights (safetensors, or a torch pickle loadable with "
-                         f"weights_only=True): {error}") from error
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a state dict")
-    return loaded
-
-
 def build_vae(state_dict: dict[str, torch.Tensor], config: dict | None = None, *, source: str = "state dict",
               dtype: torch.dtype = torch.float32) -> AutoencoderKLTemporalDecoder:
     """Builds the diffusers model from a state dict in either layout and loads it strictly.
@@ -234,11 +219,10 @@ def build_vae(state_dict: dict[str, torch.Tensor], config: dict | None = None, *
     if SVD_MARKER in state_dict:
         state_dict = svd_to_diffusers(state_dict)
     elif DIFFUSERS_MARKER not in state_dict:
-        sample = sorted(state_dict)[:4]
-        raise ValueError(f"{source} is not an SVD temporal-decoder VAE: it has neither '{SVD_MARKER}' (original "
-                         f"layout) nor '{DIFFUSERS_MARKER}' (diffusers layout); first keys: {sample}. STAR needs "
-                         "the VAE of stabilityai/stable-video-diffusion-img2vid (folder 'vae', or svd_xt_vae / "
-                         "svd.safetensors), not an image VAE")
+        what = describe_weights(state_dict)
+        looks = f"it looks like {what}" if what else f"its first keys are {sorted(state_dict)[:4]}"
+        raise ValueError(f"{source} is not the SVD temporal-decoder VAE: {looks} (it has neither '{SVD_MARKER}' "
+                         f"nor '{DIFFUSERS_MARKER}'). {VAE_NEEDS}")
     if config is None:
         config = infer_config(state_dict)
     else:
@@ -292,5 +276,5 @@ def load_svd_vae(path: str | Path, *, config: dict | str | Path | None = None, v
             config = json.loads(Path(config).read_text())
     else:
         raise FileNotFoundError(f"VAE path {path} does not exist: give a diffusers VAE folder or a .safetensors file")
-    model = build_vae(_read_state_dict(weights), config, source=str(weights), dtype=dtype)
+    model = build_vae(load_state_dict_file(weights), config, source=str(weights), dtype=dtype)
     return SVDVideoVAE(model.to(device), decode_autocast=decode_autocast)

@@ -4,12 +4,38 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from pathlib import Path
 
 from .report import Report
 
 # Group modules in run order; each exposes run(fixture_dir, report) -> bool (False: no files of that group).
 GROUPS = ("units", "colour", "helpers", "forward", "sampling", "text", "vae", "train", "e2e")
+
+
+def run_group(name: str, directory: Path, report: Report) -> bool:
+    """
+    Runs one group on a fixture directory. A group that raises (a file it cannot read, a configuration the
+    implementation rejects, a bug) becomes a FAIL line with the exception and where it was raised, and the other
+    groups still run; the exit status is 1 at the end.
+
+    Parameters:
+        name (`str`): a name of `GROUPS`.
+        directory (`Path`): the fixture directory.
+        report (`Report`): where the lines go.
+
+    Returns:
+        `bool`: whether the group found files of its own in the directory (a group that raised did).
+    """
+    try:
+        module = importlib.import_module(f"star_core.verify.{name}")
+        return module.run(directory, report)
+    except Exception as exc:  # noqa: BLE001 - every failure of a group is reported, never a traceback
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        message = " ".join(str(exc).split()) or "(no message)"
+        report.fail(f"{directory.name}/{name}", f"group stopped: {type(exc).__name__}: {message} "
+                                                f"(at {Path(frame.filename).name}:{frame.lineno})")
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ran = False
         for name in groups:
-            module = importlib.import_module(f"star_core.verify.{name}")
-            ran = module.run(directory, report) or ran
+            ran = run_group(name, directory, report) or ran
         if not ran:
             report.fail(str(directory), "holds no fixture file this checker understands")
     if report.failures:

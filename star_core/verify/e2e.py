@@ -47,6 +47,18 @@ TOL_LATENT, TOL_0_255, TOL_UINT8 = 1e-4, 1e-2, 1.0
 # the bound for unseen sets. In float64 the check lands within the official fp32 run's own rounding (2.5e-5 of the
 # exact value). Users' runs keep the official fp32 encoder; decode stays fp32 here too (2e-6).
 ENCODER_DTYPE = torch.float64
+# The recorded posterior is itself one fp32 run, off the exact value by its own rounding, and the official code
+# rerun on another thread count or machine lands farther still: on the shipped set the official code rerun on the
+# verify machine lands 6.6e-5 (2 threads) … 1.16e-4 (1 thread) from the recorded posterior_std, past TOL_LATENT,
+# while float64 lands 3.4e-5 … 3.6e-5 (tests/fixtures/official_posterior/README.md). How far one fp32 run lands
+# from float64 (the "floor") moves ~3x with the process's thread setup alone (2.8e-5 … 8.6e-5 on that std), so
+# a floor measured in one process under-reads the recording's. The posterior budget is therefore
+# POSTERIOR_FLOOR_FACTOR (two fp32 roundings: the recording's and a rerun's) × the larger of the floor measured on
+# the set's frames (our fp32 encoder, bit-equal to the official one at equal thread setup, at 1 thread and at the
+# run's thread count) and the largest floor measured for the official code (POSTERIOR_MIN_FLOOR), at most
+# POSTERIOR_TOL_MAX: 1.7e-4 on every set studied (five geometries, floors 2.0e-5 … 8.6e-5), which the official
+# code's own reruns stay within (≤ 1.16e-4) and ours in float64 lands well inside (≤ 5.9e-5).
+POSTERIOR_FLOOR_FACTOR, POSTERIOR_MIN_FLOOR, POSTERIOR_TOL_MAX = 2.0, 8.6e-5, 5e-4
 # The only solver configuration STAR's test() uses.
 OFFICIAL_SOLVER = {"solver": "dpmpp_2m_sde", "discretization": "trailing", "t_min": 0}
 
@@ -71,6 +83,76 @@ def _unet_config(fixture_dir: Path, sd: dict[str, torch.Tensor], files: list[str
     config = config_from_state_dict(sd)
     args = json.loads((fixture_dir / files[0]).read_text())["constructor_args"]
     return dataclasses.replace(config, num_heads=args["num_heads"], head_dim=args["head_dim"])
+
+
+POSTERIOR_KEYS = ("posterior_mean", "posterior_std")
+
+
+def fp32_posterior_floor(vae, pixels: torch.Tensor, exact: dict[str, torch.Tensor]
+                         ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """
+    How far the fp32 encoder lands from the float64 one on these frames: the rounding any fp32 run of the official
+    encoder (the recording included) carries here. Measured at 1 thread and at the current thread count (other
+    reduction orders, other rounding), the larger of the two.
+
+    Parameters:
+        vae: the fp32 `SVDVideoVAE`.
+        pixels (`torch.Tensor`): ``[T,3,H,W]`` padded frames in [-1, 1].
+        exact (`dict[str, torch.Tensor]`): ``posterior_mean`` and ``posterior_std`` of the float64 encoder.
+
+    Returns:
+        `tuple[dict[str, float], dict[str, torch.Tensor]]`: per key the floor (max|Δ|), and the fp32 posterior at
+        the current thread count (what users' runs compute).
+    """
+    threads = torch.get_num_threads()
+    floors = dict.fromkeys(POSTERIOR_KEYS, 0.0)
+    production: dict[str, torch.Tensor] = {}
+    for count in sorted({1, threads}, reverse=True):
+        torch.set_num_threads(count)
+        try:
+            moments = dict(zip(POSTERIOR_KEYS, vae.posterior(pixels)))
+        finally:
+            torch.set_num_threads(threads)
+        production = production or moments
+        for key in POSTERIOR_KEYS:
+            floors[key] = max(floors[key], (moments[key].double() - exact[key].double()).abs().max().item())
+    return floors, production
+
+
+def check_posterior(report: Report, stem: str, data: dict[str, torch.Tensor], vae, encoder,
+                    pixels: torch.Tensor) -> None:
+    """
+    The recorded ``posterior_mean`` / ``posterior_std`` against the float64 encoder, and against the fp32 one users
+    run, within the budget measured on these frames (`fp32_posterior_floor`, `posterior_budget`).
+
+    Parameters:
+        report (`Report`): where the lines go.
+        stem (`str`): the set's name, for the lines.
+        data (`dict[str, torch.Tensor]`): the recorded tensors (keys absent from it are not checked).
+        vae, encoder: the fp32 and the float64 `SVDVideoVAE`.
+        pixels (`torch.Tensor`): ``[T,3,H,W]`` padded frames in [-1, 1].
+    """
+    keys = [key for key in POSTERIOR_KEYS if key in data]
+    if not keys:
+        return
+    exact = dict(zip(POSTERIOR_KEYS, encoder.posterior(pixels)))
+    floors, production = fp32_posterior_floor(vae, pixels, exact)
+    for key in keys:
+        tol = posterior_budget(floors[key])
+        print(f"      {stem}/{key}: our fp32 encoder lands {floors[key]:.2e} from float64 on these frames "
+              f"(threads: {' and '.join(map(str, sorted({1, torch.get_num_threads()})))}): budget {tol:.1e}",
+              flush=True)
+        if POSTERIOR_FLOOR_FACTOR * floors[key] > POSTERIOR_TOL_MAX:
+            report.fail(f"{stem}/{key} fp32 floor", f"our fp32 encoder lands {floors[key]:.2e} from float64, more "
+                        f"than any fp32 rounding measured: the fp32 path is wrong or the set cannot be checked at "
+                        f"fp32 precision")
+        report.compare(f"{stem}/{key}", exact[key], data[key], tol)
+        report.compare(f"{stem}/{key} (fp32, as users run it)", production[key], data[key], tol)
+
+
+def posterior_budget(floor: float) -> float:
+    """The posterior tolerance for a set whose measured fp32 floor is ``floor`` (see POSTERIOR_FLOOR_FACTOR)."""
+    return min(POSTERIOR_FLOOR_FACTOR * max(floor, POSTERIOR_MIN_FLOOR), POSTERIOR_TOL_MAX)
 
 
 def _settings(info: dict, report: Report, stem: str) -> SamplerSettings | None:
@@ -136,13 +218,10 @@ def _check_set(fixture_dir: Path, data_path: Path, info: dict, report: Report) -
     check("negative_y", negative)
     del text
 
-    # VAE encode with the recorded posterior noise (encoder in float64, see ENCODER_DTYPE).
+    # VAE encode with the recorded posterior noise (encoder in float64, see ENCODER_DTYPE; budget POSTERIOR_*).
     vae = load_svd_vae(fixture_dir / VAE_FILES[0], config=fixture_dir / VAE_FILES[1])
     encoder = load_svd_vae(fixture_dir / VAE_FILES[0], config=fixture_dir / VAE_FILES[1], dtype=ENCODER_DTYPE)
-    mean, std = encoder.posterior(pixels)
-    check("posterior_mean", mean)
-    check("posterior_std", std)
-    del mean, std
+    check_posterior(report, stem, data, vae, encoder, pixels)
     noise = RunNoise(posterior_eps=data["posterior_eps"], diffuse_eps=data["diffuse_eps"], brownian=entropy)
     feature = encode_lr(encoder, pixels, geometry, noise)
     del pixels, encoder
