@@ -11,7 +11,9 @@ Tiny gradients that are sums of many cancelling terms (the LIEM gates') carry fp
 the recorded value can be off the exact one by more than 1e-3 (the decoder's temporal LIEM weight: up to 1.6 %).
 So every step also runs in float64. Where the recorded gradient is within 5e-4 of that float64 result it is
 compared directly (1e-3); where it is not, it cannot resolve 1e-3, and our fp32 gradient is compared with the
-float64 one instead (1e-2), the recorded value's own distance to it being printed and required below 5 %.
+float64 one instead: within 1e-2, or within the recorded value's own distance to float64 when that is larger (our
+fp32 run must land at least as close as the official fp32 run did; how close depends on the thread count and
+kernels), that distance being printed and required below 5 %.
 """
 from __future__ import annotations
 
@@ -121,7 +123,8 @@ def _check_step(report: Report, stem: str, data: dict, info: dict, step: dict, m
                   f"{((got[key].double() - expected.double()).abs().max() / scale).item():.2e})")
             if floor > FLOOR_LIMIT:
                 report.fail(f"{name}{key}", f"recorded gradient is {floor:.1%} off the float64 re-computation")
-            _relative(report, f"{name}{key} vs float64", got[key], exact[key], FLOAT64_TOL)
+            # as close to float64 as the official fp32 run itself landed (its rounding depends on threads/kernels)
+            _relative(report, f"{name}{key} vs float64", got[key], exact[key], max(FLOAT64_TOL, floor))
         trainable = [p for p in model.parameters() if p.requires_grad]
         with_grad = [p.grad for p in trainable if p.grad is not None]
         record = step["variants"][variant]
