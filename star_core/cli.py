@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -419,10 +419,12 @@ def load_components(args: argparse.Namespace, spec: RunSpec, device: torch.devic
     return pipeline.Components(unet, vae, positive, negative)
 
 
-def out_of_memory_message(error: BaseException) -> str:
-    """One line for a video that ran out of memory: what ran out and what lowers the memory a step needs."""
+def out_of_memory_message(error: BaseException, fixed: Sequence[str] = ()) -> str:
+    """One line for a video that ran out of memory: what ran out and what lowers the memory a step needs; `fixed`
+    names the size flags the user set (auto sizing leaves them alone)."""
     if isinstance(error, NoPlanFits):  # the retry's own verdict: names the smallest plan tried and what it needs
-        return str(error)
+        hand = f"; set by hand: {', '.join(fixed)} ('auto' lets the run choose smaller)" if fixed else ""
+        return str(error) + hand
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"out of memory ({first}); {OOM_ADVICE}"
 
@@ -591,7 +593,8 @@ def _upscale_batch(args: argparse.Namespace, spec: RunSpec, pairs: list[tuple[Pa
                 raise
             failures += 1
             free_cached_memory()
-            print(f"error: {tag}{src}: {out_of_memory_message(exc)}", file=sys.stderr)
+            fixed = [FLAG_OF[path] for path in autosize.AUTO_OPTIONS if spec.get(path) != AUTO]
+            print(f"error: {tag}{src}: {out_of_memory_message(exc, fixed)}", file=sys.stderr)
         except KeyboardInterrupt:
             if work.active:
                 raise

@@ -39,7 +39,9 @@ def test_memory_budget_too_small_names_the_smallest_plan(tmp_path: Path) -> None
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in done.stderr
     assert "nothing fits in 0.1 MiB (" in errors[0] and "the smallest plan (" in errors[0]
-    assert errors[0].endswith("; free memory or lower the output size")
+    # the demo sets --chunk-len 4 itself: named as set by hand (auto sizing leaves it alone)
+    assert errors[0].endswith("; free memory or lower the output size; set by hand: --chunk-len ('auto' lets the "
+                              "run choose smaller)")
     done = upscale("--memory-budget", "0")
     assert done.returncode == 1 and "error: --memory-budget must be a positive number of GiB, got 0.0" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
