@@ -29,7 +29,7 @@ from .diffusion.star_sampling import SamplerSettings, network_levels, tile_cells
 from .geometry import Geometry
 from .host import HostContext
 from .memory import Components as MemoryComponents
-from .memory import NoPlanFits, PlanSizes, choose_plan, is_out_of_memory, shrink
+from .memory import NoPlanFits, PlanSizes, choose_plan, is_out_of_memory, run_with_retry, shrink, stage_peak
 from .memory.auto import free_cached_memory
 from .options import AUTO
 from .spec import DecodeSpec, EncodeSpec
@@ -233,50 +233,49 @@ class Sizing:
         """Whether ``error`` is an out-of-memory error this stage can answer with a smaller plan."""
         return self.can_shrink and is_out_of_memory(error, self.host.oom_errors)
 
+    def _next(self, failed: PlanSizes, fields: Iterable[str] | None = None) -> PlanSizes | None:
+        """The plan after ``failed`` ran out of memory (logged once per stage), or None when none is smaller."""
+        fields = self.fields if fields is None else set(fields) & self.fields
+        smaller = shrink(failed, self.stage, self.components, auto=fields) if fields else None
+        if smaller is not None and not self._logged:
+            self.host.log(f"out of memory during {self.stage} with {failed.describe(self.stage)}; retrying with "
+                          f"{smaller.describe(self.stage)}")
+            self._logged = True
+        return smaller
+
     def smaller(self, error: BaseException, fields: Iterable[str] | None = None) -> PlanSizes:
         """
-        The next smaller plan after ``error`` (logged once per stage); raises `star_core.memory.NoPlanFits`
-        (chained to ``error``) when none is left.
+        The next smaller plan after ``error`` (kept, and logged once per stage); raises
+        `star_core.memory.NoPlanFits` (chained to ``error``) when none is left. For a caller with its own retry
+        loop (the sampler's `Replan`).
 
         Parameters:
             error (`BaseException`): the out-of-memory error.
             fields (`Iterable[str]`, *optional*): the plan fields that may change now (default all auto ones).
         """
         free_cached_memory()
-        fields = self.fields if fields is None else set(fields) & self.fields
-        smaller = shrink(self.plan, self.stage, self.components, auto=fields) if fields else None
+        smaller = self._next(self.plan, fields)
         if smaller is None:
-            raise NoPlanFits(None, self.plan, _need(self.plan, self.stage, self.components), self.stage) from error
-        if not self._logged:
-            self.host.log(f"out of memory during {self.stage} with {self.plan.describe(self.stage)}; retrying with "
-                          f"{smaller.describe(self.stage)}")
-            self._logged = True
+            raise NoPlanFits(None, self.plan, stage_peak(self.plan, self.stage, self.components).total,
+                             self.stage) from error
         self.plan = smaller
         return smaller
 
     def retry(self, step: Callable[[PlanSizes], T], fields: Iterable[str] | None = None) -> T:
         """
         Runs ``step(plan)``; after an out-of-memory error that this stage can answer, runs it again with the next
-        smaller plan (kept for the following steps).
+        smaller plan (`star_core.memory.run_with_retry`), which is kept for the following steps.
 
         Parameters:
             step (`Callable[[PlanSizes], T]`): restartable work sized by the plan (one VAE window).
             fields (`Iterable[str]`, *optional*): the plan fields that may change between tries.
         """
-        while True:
-            try:
-                return step(self.plan)
-            except BaseException as error:  # noqa: BLE001 - only out-of-memory errors are retried
-                if not self.matches(error):
-                    raise
-                failure = error.with_traceback(None)  # its frames would keep the failed step's tensors
-            self.smaller(failure, fields)
-
-
-def _need(plan: PlanSizes, stage: str, components: MemoryComponents | None) -> int:
-    from .memory import stage_peak
-
-    return stage_peak(plan, stage, components).total
+        if not self.can_shrink:
+            return step(self.plan)
+        result, self.plan = run_with_retry(step, self.plan, self.stage, components=self.components,
+                                           next_plan=lambda failed: self._next(failed, fields),
+                                           oom_errors=self.host.oom_errors)
+        return result
 
 
 def sampler_sizing(settings: SamplerSettings, size: tuple[int, int, int], model: object,

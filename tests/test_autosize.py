@@ -8,7 +8,7 @@ import torch
 from star_core import autosize
 from star_core.geometry import plan_geometry
 from star_core.host import HostContext
-from star_core.memory import GIB, NoPlanFits
+from star_core.memory import GIB, NoPlanFits, stage_peak
 from star_core.model.config import STARConfig
 from star_core.pipeline import Components, decode_pixels, sample, upscale_video
 from star_core.seeds import RunNoise
@@ -74,7 +74,7 @@ def test_smaller_budget_gives_smaller_plans():
         settings, sizing = autosize.sampler_sizing(DEFAULTS.sampler, size, model_fn, host)
         chosen[budget] = (settings.chunk_len, settings.tile, sizing.plan)
     assert chosen[80][:2] == (32, None)
-    needs = [autosize._need(chosen[b][2], "sample", autosize.memory_components(model_fn, resident=False))
+    needs = [stage_peak(chosen[b][2], "sample", autosize.memory_components(model_fn, resident=False)).total
              for b in (80, 24, 12, 8)]
     assert needs == sorted(needs, reverse=True) and needs[-1] < needs[0]
     for budget in (24, 12, 8):
