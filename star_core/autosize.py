@@ -66,12 +66,14 @@ def memory_components(model: object = None, vae: object = None, *, resident: boo
     it does not know the network (a plain ``model_fn`` without a STAR ``config``).
 
     Parameters:
-        model (`torch.nn.Module` or `Callable`, *optional*): the STAR network, or a ``model_fn`` carrying its
-            ``config`` (then its parameter count is computed from the architecture's weights).
+        model (`torch.nn.Module` or `Callable`, *optional*): the STAR network, a ``model_fn`` carrying it as
+            ``module`` (`star_core.pipeline.model_function`), or one carrying only its ``config`` (then its
+            parameter count is computed from the architecture on the meta device).
         vae (`star_core.vae.VideoVAE`, *optional*): the video VAE (its diffusers ``model`` gives the widths).
         resident (`bool`): every model stays on the device for the whole run (the CLI); False for a host that
             loads each stage's model in turn (ComfyUI).
     """
+    model = getattr(model, "module", model)  # a model_fn of `pipeline.model_function` carries its network
     vae_model = getattr(vae, "model", None)
     if not isinstance(vae_model, torch.nn.Module) or not hasattr(vae_model, "config"):
         vae_model = None

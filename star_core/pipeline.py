@@ -331,6 +331,7 @@ def model_function(model: torch.nn.Module) -> ModelFn:
 
     model_fn.config = getattr(model, "config", None)  # type: ignore[attr-defined]
     model_fn.dtype = dtype  # type: ignore[attr-defined]  # for the memory model (star_core.autosize)
+    model_fn.module = model  # type: ignore[attr-defined]  # its parameters, counted by the memory model
     return model_fn
 
 
